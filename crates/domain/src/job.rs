@@ -98,8 +98,18 @@ impl JobStatus {
             (S::Processing, E::Defer) => S::Scheduled,
             (S::Processing, E::Release) => S::Queued,
             (S::Processing, E::Die) => S::Dead,
-            (S::Processing, E::LeaseExpired { attempts_left: true }) => S::Queued,
-            (S::Processing, E::LeaseExpired { attempts_left: false }) => S::Dead,
+            (
+                S::Processing,
+                E::LeaseExpired {
+                    attempts_left: true,
+                },
+            ) => S::Queued,
+            (
+                S::Processing,
+                E::LeaseExpired {
+                    attempts_left: false,
+                },
+            ) => S::Dead,
             (S::Dead, E::Redrive) => S::Queued,
             (from, E::Cancel) if !from.is_terminal() => S::Cancelled,
             (from, event) => return Err(TransitionError { from, event }),
@@ -294,7 +304,10 @@ mod tests {
 
     #[test]
     fn only_dead_jobs_are_redriven() {
-        assert_eq!(JobStatus::Dead.apply(JobEvent::Redrive), Ok(JobStatus::Queued));
+        assert_eq!(
+            JobStatus::Dead.apply(JobEvent::Redrive),
+            Ok(JobStatus::Queued)
+        );
         assert!(JobStatus::Cancelled.apply(JobEvent::Redrive).is_err());
         assert!(JobStatus::Succeeded.apply(JobEvent::Redrive).is_err());
     }

@@ -42,7 +42,7 @@ pub use job::{ClaimedJob, Job, JobEvent, JobStatus, LeaseRef, NewJob};
 pub use store::{
     AdminStore, AppliedOutcome, AttemptOutcome, BatchFilter, BatchFinished, BatchProgress,
     BeginOutcome, ChangeSet, ClaimRequest, CreatedBatch, DeadLetterFilter, DependencyRef,
-    ItemFilter, JobChange, JobStore, KindControl, OutcomeKind, OutcomeResult, Page,
-    ProgressUpdate, PromoteReport, PruneReport, PruneRequest, QueueDepth, ReapReport, RedriveReport,
+    ItemFilter, JobChange, JobStore, KindControl, OutcomeKind, OutcomeResult, Page, ProgressUpdate,
+    PromoteReport, PruneReport, PruneRequest, QueueDepth, ReapReport, RedriveReport,
     RedriveSelection, Scope, StagingBatch,
 };

@@ -207,7 +207,11 @@ impl ChangeSet {
     pub fn merge(&mut self, other: ChangeSet) {
         self.jobs.extend(other.jobs);
         for progress in other.batches {
-            match self.batches.iter_mut().find(|b| b.batch_id == progress.batch_id) {
+            match self
+                .batches
+                .iter_mut()
+                .find(|b| b.batch_id == progress.batch_id)
+            {
                 Some(existing) => *existing = progress,
                 None => self.batches.push(progress),
             }

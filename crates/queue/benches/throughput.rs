@@ -28,7 +28,12 @@ async fn fresh_store() -> Arc<SqliteStore> {
 async fn drain(n: usize, concurrency: usize) -> f64 {
     let store = fresh_store().await;
     let batch = NewBatch::new(UserId::new("bench"), "noop");
-    let id = store.create_batch(batch, items(n), chrono::Utc::now()).await.unwrap().batch.id;
+    let id = store
+        .create_batch(batch, items(n), chrono::Utc::now())
+        .await
+        .unwrap()
+        .batch
+        .id;
 
     let handler = FnHandler(|_job: JobContext| std::future::ready(Ok(None)));
     let config = QueueConfig {
@@ -42,7 +47,10 @@ async fn drain(n: usize, concurrency: usize) -> f64 {
         concurrency,
         ..KindConfig::default()
     };
-    let queue = Queue::builder(store).config(config).register("noop", handler, kind).build();
+    let queue = Queue::builder(store)
+        .config(config)
+        .register("noop", handler, kind)
+        .build();
     let mut events = queue.subscribe();
     let started = Instant::now();
     queue.start().await.unwrap();
@@ -65,8 +73,10 @@ async fn floor(n: usize) -> (f64, f64) {
     drop(SqliteStore::open(SqliteConfig::new(&path)).await.unwrap());
 
     let mut conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-        .unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+    )
+    .unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     conn.execute(
         "INSERT INTO batches (id, owner, kind, status, accepted, max_attempts, created_at, updated_at)
@@ -74,7 +84,9 @@ async fn floor(n: usize) -> (f64, f64) {
         [now],
     )
     .unwrap();
-    let payloads: Vec<String> = (0..n).map(|i| serde_json::json!({ "n": i }).to_string()).collect();
+    let payloads: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({ "n": i }).to_string())
+        .collect();
 
     let started = Instant::now();
     let tx = conn.transaction().unwrap();
@@ -86,7 +98,9 @@ async fn floor(n: usize) -> (f64, f64) {
             )
             .unwrap();
         for (seq, payload) in payloads.iter().enumerate() {
-            insert.execute(rusqlite::params![seq as i64, payload, now]).unwrap();
+            insert
+                .execute(rusqlite::params![seq as i64, payload, now])
+                .unwrap();
         }
     }
     tx.commit().unwrap();
@@ -94,7 +108,10 @@ async fn floor(n: usize) -> (f64, f64) {
 
     let ids: Vec<i64> = {
         let mut stmt = conn.prepare("SELECT id FROM jobs ORDER BY id").unwrap();
-        stmt.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+        stmt.query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     };
     let started = Instant::now();
     let tx = conn.transaction().unwrap();
@@ -122,7 +139,10 @@ async fn main() {
     let batch = NewBatch::new(UserId::new("bench"), "noop");
     let payloads = items(n);
     let started = Instant::now();
-    store.create_batch(batch, payloads, chrono::Utc::now()).await.unwrap();
+    store
+        .create_batch(batch, payloads, chrono::Utc::now())
+        .await
+        .unwrap();
     let enqueue = n as f64 / started.elapsed().as_secs_f64();
     let (insert_floor, update_floor) = floor(n).await;
     println!(

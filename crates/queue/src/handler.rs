@@ -58,8 +58,16 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    pub(crate) fn new(job: ClaimedJob, cancel: CancellationToken, progress: ProgressReporter) -> Self {
-        Self { job, cancel, progress }
+    pub(crate) fn new(
+        job: ClaimedJob,
+        cancel: CancellationToken,
+        progress: ProgressReporter,
+    ) -> Self {
+        Self {
+            job,
+            cancel,
+            progress,
+        }
     }
 
     pub fn job_id(&self) -> JobId {

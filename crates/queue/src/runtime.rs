@@ -87,6 +87,12 @@ impl InFlight {
     }
 }
 
+/// Channel ends the background tasks take over at start.
+type Receivers = (
+    mpsc::UnboundedReceiver<Finished>,
+    mpsc::Receiver<(JobId, u8)>,
+);
+
 /// An attempt whose outcome waits to be recorded.
 struct Finished {
     outcome: AttemptOutcome,
@@ -113,7 +119,7 @@ struct Inner {
     idle: Notify,
     finished_tx: mpsc::UnboundedSender<Finished>,
     progress_tx: mpsc::Sender<(JobId, u8)>,
-    receivers: Mutex<Option<(mpsc::UnboundedReceiver<Finished>, mpsc::Receiver<(JobId, u8)>)>>,
+    receivers: Mutex<Option<Receivers>>,
     rng: Mutex<fastrand::Rng>,
     /// Stops claiming and the background loops.
     stopping: CancellationToken,
@@ -128,7 +134,9 @@ struct Inner {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind,
     // which stays usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Builds a [`Queue`]: the store, a clock, settings and one handler per kind.
@@ -170,7 +178,12 @@ impl QueueBuilder {
 
     /// Registers the handler of a job kind; a second call for the same kind
     /// replaces the first.
-    pub fn register(mut self, kind: impl Into<String>, handler: impl JobHandler, config: KindConfig) -> Self {
+    pub fn register(
+        mut self,
+        kind: impl Into<String>,
+        handler: impl JobHandler,
+        config: KindConfig,
+    ) -> Self {
         self.kinds.insert(kind.into(), (Arc::new(handler), config));
         self
     }
@@ -191,7 +204,9 @@ impl QueueBuilder {
                     handler,
                     slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
                     throttle: config.rate.map(|rate| Mutex::new(Throttle::new(rate))),
-                    user_throttle: config.per_user_rate.map(|rate| Mutex::new(Throttle::new(rate))),
+                    user_throttle: config
+                        .per_user_rate
+                        .map(|rate| Mutex::new(Throttle::new(rate))),
                     config,
                     wake: Notify::new(),
                     paused: AtomicBool::new(false),
@@ -297,13 +312,20 @@ impl Queue {
     }
 
     fn kind(&self, kind: &str) -> Result<&KindState, QueueError> {
-        self.inner.kinds.get(kind).ok_or_else(|| QueueError::UnknownKind {
-            kind: kind.to_owned(),
-        })
+        self.inner
+            .kinds
+            .get(kind)
+            .ok_or_else(|| QueueError::UnknownKind {
+                kind: kind.to_owned(),
+            })
     }
 
     /// Creates a batch and wakes workers once it is committed.
-    pub async fn create_batch(&self, batch: NewBatch, items: Vec<NewJob>) -> Result<CreatedBatch, QueueError> {
+    pub async fn create_batch(
+        &self,
+        batch: NewBatch,
+        items: Vec<NewJob>,
+    ) -> Result<CreatedBatch, QueueError> {
         self.kind(&batch.kind)?;
         let created = self
             .inner
@@ -326,10 +348,18 @@ impl Queue {
     /// Starts a batch whose items arrive in parts (a streamed body).
     pub async fn begin_batch(&self, batch: NewBatch) -> Result<BeginOutcome, QueueError> {
         self.kind(&batch.kind)?;
-        Ok(self.inner.store.begin_batch(batch, self.inner.clock.now()).await?)
+        Ok(self
+            .inner
+            .store
+            .begin_batch(batch, self.inner.clock.now())
+            .await?)
     }
 
-    pub async fn append_items(&self, staging: &mut StagingBatch, items: Vec<NewJob>) -> Result<(), QueueError> {
+    pub async fn append_items(
+        &self,
+        staging: &mut StagingBatch,
+        items: Vec<NewJob>,
+    ) -> Result<(), QueueError> {
         Ok(self
             .inner
             .store
@@ -359,7 +389,12 @@ impl Queue {
     }
 
     /// Cancels a batch: waiting items at once, running handlers signalled.
-    pub async fn cancel_batch(&self, scope: &Scope, id: BatchId, reason: &str) -> Result<Batch, QueueError> {
+    pub async fn cancel_batch(
+        &self,
+        scope: &Scope,
+        id: BatchId,
+        reason: &str,
+    ) -> Result<Batch, QueueError> {
         let (batch, changes) = self
             .inner
             .store
@@ -371,7 +406,11 @@ impl Queue {
     }
 
     /// Sends a batch's dead items back to the queue.
-    pub async fn retry_batch(&self, scope: &Scope, id: BatchId) -> Result<(Batch, RedriveReport), QueueError> {
+    pub async fn retry_batch(
+        &self,
+        scope: &Scope,
+        id: BatchId,
+    ) -> Result<(Batch, RedriveReport), QueueError> {
         let (batch, report) = self
             .inner
             .store
@@ -383,7 +422,11 @@ impl Queue {
     }
 
     /// Sends selected dead jobs back to the queue.
-    pub async fn redrive(&self, scope: &Scope, selection: RedriveSelection) -> Result<RedriveReport, QueueError> {
+    pub async fn redrive(
+        &self,
+        scope: &Scope,
+        selection: RedriveSelection,
+    ) -> Result<RedriveReport, QueueError> {
         let report = self
             .inner
             .store
@@ -453,15 +496,22 @@ impl Queue {
         let inner = self.inner.clone();
         tasks.push(tokio::spawn(async move { inner.controls_loop().await }));
         let inner = self.inner.clone();
-        tasks.push(tokio::spawn(async move { inner.progress_loop(progress_rx).await }));
+        tasks.push(tokio::spawn(async move {
+            inner.progress_loop(progress_rx).await
+        }));
         if let Some(interval) = self.inner.config.retention.interval {
             let inner = self.inner.clone();
-            tasks.push(tokio::spawn(async move { inner.prune_loop(interval).await }));
+            tasks.push(tokio::spawn(
+                async move { inner.prune_loop(interval).await },
+            ));
         }
         *lock(&self.inner.tasks) = tasks;
 
         let inner = self.inner.clone();
-        *lock(&self.inner.recorder) = Some(tokio::spawn(async move { inner.record_loop(finished_rx).await }));
+        *lock(&self.inner.recorder) =
+            Some(tokio::spawn(
+                async move { inner.record_loop(finished_rx).await },
+            ));
 
         tracing::info!(owner = %self.inner.owner, kinds = self.inner.kinds.len(), "queue started");
         Ok(())
@@ -500,7 +550,10 @@ impl Queue {
             }
             // Handlers that ignore cancellation still hold their lease; it
             // expires and another process takes the job.
-            if tokio::time::timeout(inner.config.shutdown_grace, idle).await.is_err() {
+            if tokio::time::timeout(inner.config.shutdown_grace, idle)
+                .await
+                .is_err()
+            {
                 tracing::warn!(
                     running = lock(&inner.inflight).len(),
                     "handlers ignored cancellation; their leases will expire"
@@ -528,7 +581,8 @@ impl Inner {
     }
 
     fn lease_until(&self) -> DateTime<Utc> {
-        let lease = chrono::Duration::from_std(self.config.lease_duration).unwrap_or(chrono::Duration::seconds(30));
+        let lease = chrono::Duration::from_std(self.config.lease_duration)
+            .unwrap_or(chrono::Duration::seconds(30));
         self.now() + lease
     }
 
@@ -572,7 +626,11 @@ impl Inner {
                 changes
                     .jobs
                     .iter()
-                    .filter_map(|c| inflight.get(&c.job_id).map(|j| (c.job_id, j.correlation_id.clone())))
+                    .filter_map(|c| {
+                        inflight
+                            .get(&c.job_id)
+                            .map(|j| (c.job_id, j.correlation_id.clone()))
+                    })
                     .collect()
             };
             for change in &changes.jobs {
@@ -623,7 +681,10 @@ impl Inner {
                 return;
             }
             let ids: Vec<i64> = pending.iter().map(|f| f.outbox_id).collect();
-            tracing::info!(count = ids.len(), "delivering batch-finished events left by an earlier run");
+            tracing::info!(
+                count = ids.len(),
+                "delivering batch-finished events left by an earlier run"
+            );
             for finished in pending {
                 self.emit(QueueEvent::BatchFinished(finished));
             }
@@ -761,7 +822,8 @@ impl Inner {
             let (granted, wait) = lock(throttle).take_up_to(&key, 1, now);
             if granted == 0 {
                 let wait = wait.unwrap_or(self.config.poll_interval);
-                let run_at = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
+                let run_at =
+                    now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
                 tracing::debug!(job_id = %job.id, owner = %job.owner, ?wait, "job deferred by the owner's processing rate");
                 self.track(&job);
                 self.finish(AttemptOutcome {
@@ -861,7 +923,9 @@ impl Inner {
         retry: &crate::config::RetryPolicy,
     ) -> Option<OutcomeKind> {
         let now = self.now();
-        let later = |delay: Duration| now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(1));
+        let later = |delay: Duration| {
+            now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(1))
+        };
         let failed = |error: String, failure: FailureKind| {
             if retry.has_attempts_left(attempt, max_attempts) {
                 let unit = lock(&self.rng).f64();
@@ -883,7 +947,9 @@ impl Inner {
                 reason: "batch was cancelled".into(),
             }),
             (Err(_), CancelReason::Shutdown) => Some(OutcomeKind::Released),
-            (Err(HandlerError::Retryable(error)), CancelReason::Timeout) => Some(failed(error, FailureKind::Timeout)),
+            (Err(HandlerError::Retryable(error)), CancelReason::Timeout) => {
+                Some(failed(error, FailureKind::Timeout))
+            }
             (Err(HandlerError::Retryable(error)), _) => Some(failed(error, FailureKind::Error)),
             (Err(HandlerError::Permanent(error)), _) => Some(OutcomeKind::Dead {
                 error,
@@ -895,7 +961,10 @@ impl Inner {
                 run_at: later(delay),
                 counts_attempt: false,
             }),
-            (Err(HandlerError::Cancelled), _) => Some(failed("handler stopped without a cancellation".into(), FailureKind::Error)),
+            (Err(HandlerError::Cancelled), _) => Some(failed(
+                "handler stopped without a cancellation".into(),
+                FailureKind::Error,
+            )),
         }
     }
 
@@ -949,12 +1018,19 @@ impl Inner {
             }
 
             let outcomes: Vec<AttemptOutcome> = group.iter().map(|f| f.outcome.clone()).collect();
-            let reschedules = outcomes
-                .iter()
-                .any(|o| matches!(o.kind, OutcomeKind::Retry { .. } | OutcomeKind::Deferred { .. }));
+            let reschedules = outcomes.iter().any(|o| {
+                matches!(
+                    o.kind,
+                    OutcomeKind::Retry { .. } | OutcomeKind::Deferred { .. }
+                )
+            });
             let mut tries: u32 = 0;
             let recorded = loop {
-                match self.store.record_outcomes(outcomes.clone(), self.now()).await {
+                match self
+                    .store
+                    .record_outcomes(outcomes.clone(), self.now())
+                    .await
+                {
                     Ok(recorded) => break Some(recorded),
                     Err(StoreError::Closed) => break None,
                     Err(error) => {
@@ -991,7 +1067,10 @@ impl Inner {
             // Heartbeats go on during shutdown, so jobs finishing within the
             // grace period keep their leases.
             ticker.tick().await;
-            let leases: Vec<LeaseRef> = lock(&self.inflight).values().map(|j| j.lease.clone()).collect();
+            let leases: Vec<LeaseRef> = lock(&self.inflight)
+                .values()
+                .map(|j| j.lease.clone())
+                .collect();
             if leases.is_empty() {
                 continue;
             }
@@ -1007,7 +1086,9 @@ impl Inner {
                         }
                     }
                 }
-                Err(error) => tracing::warn!(%error, leases = leases.len(), "extending leases failed"),
+                Err(error) => {
+                    tracing::warn!(%error, leases = leases.len(), "extending leases failed")
+                }
             }
         }
     }
@@ -1023,7 +1104,11 @@ impl Inner {
             match self.store.reap_expired_leases(self.now()).await {
                 Ok(report) => {
                     if report.requeued + report.dead > 0 {
-                        tracing::info!(requeued = report.requeued, dead = report.dead, "took back jobs with expired leases");
+                        tracing::info!(
+                            requeued = report.requeued,
+                            dead = report.dead,
+                            "took back jobs with expired leases"
+                        );
                     }
                     self.publish(report.changes);
                 }
@@ -1134,13 +1219,21 @@ impl Inner {
             }
             let now = self.now();
             let request = PruneRequest {
-                completed_before: now - chrono::Duration::from_std(retention.completed).unwrap_or(chrono::Duration::days(7)),
-                failed_before: now - chrono::Duration::from_std(retention.failed).unwrap_or(chrono::Duration::days(30)),
+                completed_before: now
+                    - chrono::Duration::from_std(retention.completed)
+                        .unwrap_or(chrono::Duration::days(7)),
+                failed_before: now
+                    - chrono::Duration::from_std(retention.failed)
+                        .unwrap_or(chrono::Duration::days(30)),
                 max_batches: retention.max_batches_per_pass.max(1),
             };
             match self.store.prune(request).await {
                 Ok(report) if report.batches > 0 => {
-                    tracing::info!(batches = report.batches, jobs = report.jobs, "pruned finished batches")
+                    tracing::info!(
+                        batches = report.batches,
+                        jobs = report.jobs,
+                        "pruned finished batches"
+                    )
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "pruning finished batches failed"),

@@ -40,7 +40,12 @@ impl Throttle {
 
     /// Grants up to `wanted` starts for `key` now. Returns how many were
     /// granted and, if fewer than wanted, how long until the next one.
-    pub(crate) fn take_up_to(&mut self, key: &str, wanted: u32, now: DateTime<Utc>) -> (u32, Option<Duration>) {
+    pub(crate) fn take_up_to(
+        &mut self,
+        key: &str,
+        wanted: u32,
+        now: DateTime<Utc>,
+    ) -> (u32, Option<Duration>) {
         let now_ms = now.timestamp_millis() as f64;
         if self.tat.len() >= SWEEP_AT {
             self.tat.retain(|_, tat| *tat > now_ms);
@@ -116,7 +121,10 @@ mod tests {
                 .count();
             // The default burst is a fifth of the limit, so a window may
             // hold the limit plus one burst start.
-            assert!(in_window <= 11, "window at {window_start}s admitted {in_window}");
+            assert!(
+                in_window <= 11,
+                "window at {window_start}s admitted {in_window}"
+            );
         }
         let steady = starts.iter().filter(|s| (120..180).contains(*s)).count();
         assert_eq!(steady, 10, "a steady minute admits the limit");

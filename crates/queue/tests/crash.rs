@@ -37,7 +37,11 @@ async fn crash_worker_process() {
             // One line per start, appended in one write so lines from
             // concurrent handlers never interleave.
             let line = format!("{} {}\n", job.job_id(), job.attempt());
-            let mut file = std::fs::OpenOptions::new().append(true).create(true).open(&log).unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&log)
+                .unwrap();
             file.write_all(line.as_bytes()).unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
             Ok(None)
@@ -65,7 +69,13 @@ async fn crash_worker_process() {
 
 fn spawn_worker(db: &Path, log: &Path) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["crash_worker_process", "--exact", "--nocapture", "--test-threads", "1"])
+        .args([
+            "crash_worker_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("CRASH_WORKER_DB", db)
         .env("CRASH_WORKER_LOG", log)
         .stdout(Stdio::null())
@@ -88,30 +98,46 @@ async fn sigkill_mid_batch_loses_nothing() {
     let log = db.with_file_name("starts.log");
     let store = open(&db).await;
     let batch = domain::NewBatch::new(alice(), "work");
-    let id = store.create_batch(batch, items(ITEMS), chrono::Utc::now()).await.unwrap().batch.id;
+    let id = store
+        .create_batch(batch, items(ITEMS), chrono::Utc::now())
+        .await
+        .unwrap()
+        .batch
+        .id;
 
     let mut first = spawn_worker(&db, &log);
     let deadline = Instant::now() + Duration::from_secs(60);
     while succeeded(&store, id).await < (ITEMS / 3) as u64 {
-        assert!(Instant::now() < deadline, "the first worker made no progress");
+        assert!(
+            Instant::now() < deadline,
+            "the first worker made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.kill().unwrap();
     first.wait().unwrap();
     let at_kill = succeeded(&store, id).await;
-    assert!(at_kill < ITEMS as u64, "the kill came after the batch finished");
+    assert!(
+        at_kill < ITEMS as u64,
+        "the kill came after the batch finished"
+    );
 
     let mut second = spawn_worker(&db, &log);
     let deadline = Instant::now() + Duration::from_secs(60);
     while succeeded(&store, id).await < ITEMS as u64 {
-        assert!(Instant::now() < deadline, "the batch did not finish after the restart");
+        assert!(
+            Instant::now() < deadline,
+            "the batch did not finish after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     second.kill().unwrap();
     second.wait().unwrap();
 
     // Every item succeeded exactly once, and the counters agree.
-    let batch = domain::AdminStore::get_batch(store.as_ref(), &Scope::Admin, id).await.unwrap();
+    let batch = domain::AdminStore::get_batch(store.as_ref(), &Scope::Admin, id)
+        .await
+        .unwrap();
     assert_eq!(batch.status, domain::BatchStatus::Completed);
     assert_eq!(batch.counters.succeeded, ITEMS as u64);
     assert_eq!(batch.counters.failed + batch.counters.cancelled, 0);
@@ -122,7 +148,11 @@ async fn sigkill_mid_batch_loses_nothing() {
             store.as_ref(),
             &Scope::Admin,
             id,
-            domain::ItemFilter { status: None, cursor, limit: 1_000 },
+            domain::ItemFilter {
+                status: None,
+                cursor,
+                limit: 1_000,
+            },
         )
         .await
         .unwrap();
@@ -145,11 +175,21 @@ async fn sigkill_mid_batch_loses_nothing() {
         *per_job.entry(id).or_default() += 1;
     }
     assert_eq!(per_job.len(), ITEMS, "every job started at least once");
-    let repeated: Vec<i64> = per_job.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
-    assert!(repeated.len() <= CONCURRENCY, "{} jobs ran twice", repeated.len());
+    let repeated: Vec<i64> = per_job
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        repeated.len() <= CONCURRENCY,
+        "{} jobs ran twice",
+        repeated.len()
+    );
     for job in jobs.iter().filter(|j| repeated.contains(&j.id.0)) {
         assert!(
-            job.errors.iter().any(|e| e.kind == FailureKind::LeaseExpired),
+            job.errors
+                .iter()
+                .any(|e| e.kind == FailureKind::LeaseExpired),
             "job {} ran twice without losing a lease",
             job.id
         );
@@ -159,5 +199,8 @@ async fn sigkill_mid_batch_loses_nothing() {
         "killed at {at_kill} of {ITEMS} succeeded; {} jobs ran twice; {expired} needed a second attempt",
         repeated.len()
     );
-    assert!(expired <= CONCURRENCY, "{expired} jobs needed a second attempt");
+    assert!(
+        expired <= CONCURRENCY,
+        "{expired} jobs needed a second attempt"
+    );
 }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use domain::{
-    AdminStore, BatchStatus, DeadLetterFilter, DependencyRef, FailureKind, JobId, JobStatus, JobStore, NewJob,
-    RedriveSelection, Scope,
+    AdminStore, BatchStatus, DeadLetterFilter, DependencyRef, FailureKind, JobId, JobStatus,
+    JobStore, NewJob, RedriveSelection, Scope,
 };
-use queue::{FnHandler, HandlerError, JobContext, KindConfig, Queue, QueueEvent, Rate};
+use queue::{FnHandler, HandlerError, JobContext, JobHandler, KindConfig, Queue, QueueEvent, Rate};
 
-fn noop() -> FnHandler<impl Fn(JobContext) -> std::future::Ready<Result<Option<Box<serde_json::value::RawValue>>, HandlerError>> + Send + Sync + 'static> {
+fn noop() -> impl JobHandler {
     FnHandler(|_job: JobContext| std::future::ready(Ok(None)))
 }
 
@@ -77,11 +77,26 @@ async fn failing_job_retries_with_backoff_then_succeeds() {
     assert_eq!(calls.len(), 3);
     let first_gap = calls[1] - calls[0];
     let second_gap = calls[2] - calls[1];
-    assert!(first_gap >= Duration::from_millis(50), "first retry after {first_gap:?}");
-    assert!(second_gap >= Duration::from_millis(100), "second retry after {second_gap:?}");
-    assert!(second_gap < Duration::from_secs(2), "second retry after {second_gap:?}");
+    assert!(
+        first_gap >= Duration::from_millis(50),
+        "first retry after {first_gap:?}"
+    );
+    assert!(
+        second_gap >= Duration::from_millis(100),
+        "second retry after {second_gap:?}"
+    );
+    assert!(
+        second_gap < Duration::from_secs(2),
+        "second retry after {second_gap:?}"
+    );
 
-    let job = queue.store().list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items.remove(0);
+    let job = queue
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items
+        .remove(0);
     assert_eq!(job.attempts, 3);
     assert_eq!(job.errors.len(), 2);
     assert!(job.errors.iter().all(|e| e.kind == FailureKind::Error));
@@ -119,13 +134,24 @@ async fn exhausted_retries_dead_letter_and_redrive_succeeds() {
     assert_eq!(finished.status, BatchStatus::Failed);
     assert_eq!(finished.counters.failed, 2);
 
-    let dead = queue.store().list_dead(&Scope::Owner(alice()), DeadLetterFilter::default()).await.unwrap();
+    let dead = queue
+        .store()
+        .list_dead(&Scope::Owner(alice()), DeadLetterFilter::default())
+        .await
+        .unwrap();
     assert_eq!(dead.items.len(), 2);
-    assert!(dead.items.iter().all(|job| job.attempts == 3 && job.errors.len() == 3));
+    assert!(
+        dead.items
+            .iter()
+            .all(|job| job.attempts == 3 && job.errors.len() == 3)
+    );
 
     healthy.store(1, Ordering::SeqCst);
     let ids: Vec<JobId> = dead.items.iter().map(|j| j.id).collect();
-    let report = queue.redrive(&Scope::Admin, RedriveSelection::Jobs(ids)).await.unwrap();
+    let report = queue
+        .redrive(&Scope::Admin, RedriveSelection::Jobs(ids))
+        .await
+        .unwrap();
     assert_eq!(report.redriven.len(), 2);
     let again = wait_finished(&mut events, batch, Duration::from_secs(10)).await;
     assert_eq!(again.status, BatchStatus::Completed);
@@ -187,7 +213,13 @@ async fn retry_after_is_not_counted_as_a_failure() {
     let batch = submit(&queue, "polite", 1).await;
     let finished = wait_finished(&mut events, batch, Duration::from_secs(10)).await;
     assert_eq!(finished.status, BatchStatus::Completed);
-    let job = queue.store().list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items.remove(0);
+    let job = queue
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items
+        .remove(0);
     assert_eq!(job.attempts, 1);
     assert_eq!(job.errors.len(), 3);
     assert!(job.errors.iter().all(|e| e.kind == FailureKind::RetryAfter));
@@ -227,10 +259,20 @@ async fn timeout_and_panic_count_as_retryable_failures() {
     let batch = submit(&queue, "slow", 1).await;
     let finished = wait_finished(&mut events, batch, Duration::from_secs(10)).await;
     assert_eq!(finished.status, BatchStatus::Completed);
-    let job = queue.store().list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items.remove(0);
+    let job = queue
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items
+        .remove(0);
     assert_eq!(job.attempts, 3);
     assert_eq!(job.errors[0].kind, FailureKind::Timeout);
-    assert!(job.errors[1].error.contains("handler bug"), "{:?}", job.errors[1]);
+    assert!(
+        job.errors[1].error.contains("handler bug"),
+        "{:?}",
+        job.errors[1]
+    );
     queue.shutdown().await;
 }
 
@@ -287,9 +329,17 @@ async fn cancelling_a_batch_signals_running_handlers() {
     queue.start().await.unwrap();
 
     let batch = submit(&queue, "long", 5).await;
-    tokio::time::timeout(Duration::from_secs(5), started.notified()).await.unwrap();
-    let cancelled = queue.cancel_batch(&Scope::Owner(alice()), batch, "no longer needed").await.unwrap();
-    assert_eq!(cancelled.counters.cancelled, 4, "waiting items are cancelled at once");
+    tokio::time::timeout(Duration::from_secs(5), started.notified())
+        .await
+        .unwrap();
+    let cancelled = queue
+        .cancel_batch(&Scope::Owner(alice()), batch, "no longer needed")
+        .await
+        .unwrap();
+    assert_eq!(
+        cancelled.counters.cancelled, 4,
+        "waiting items are cancelled at once"
+    );
 
     let finished = wait_finished(&mut events, batch, Duration::from_secs(5)).await;
     assert_eq!(finished.status, BatchStatus::Cancelled);
@@ -327,10 +377,22 @@ async fn kind_rate_limit_spaces_starts() {
     wait_finished(&mut events, batch, Duration::from_secs(10)).await;
     let starts = starts.lock().unwrap().clone();
     assert_eq!(starts.len(), 12);
-    let first_200ms = starts.iter().filter(|t| **t - began < Duration::from_millis(150)).count();
+    let first_200ms = starts
+        .iter()
+        .filter(|t| **t - began < Duration::from_millis(150))
+        .count();
     assert!(first_200ms <= 3, "{first_200ms} starts in the first 150 ms");
-    assert!(began.elapsed() >= Duration::from_millis(900), "finished after {:?}", began.elapsed());
-    let job = queue.store().list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items;
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "finished after {:?}",
+        began.elapsed()
+    );
+    let job = queue
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items;
     assert!(job.iter().all(|j| j.attempts == 1));
     queue.shutdown().await;
 }
@@ -357,9 +419,22 @@ async fn per_user_rate_defers_without_counting_attempts() {
     let began = Instant::now();
     let batch = submit(&queue, "item", 6).await;
     let finished = wait_finished(&mut events, batch, Duration::from_secs(10)).await;
-    assert_eq!(finished.status, BatchStatus::Completed, "deferrals never exhaust the single attempt");
-    assert!(began.elapsed() >= Duration::from_millis(800), "finished after {:?}", began.elapsed());
-    let jobs = queue.store().list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items;
+    assert_eq!(
+        finished.status,
+        BatchStatus::Completed,
+        "deferrals never exhaust the single attempt"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_millis(800),
+        "finished after {:?}",
+        began.elapsed()
+    );
+    let jobs = queue
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items;
     assert!(jobs.iter().all(|j| j.attempts == 1 && j.errors.is_empty()));
     queue.shutdown().await;
 }
@@ -405,8 +480,16 @@ async fn shutdown_releases_running_jobs_without_counting_them() {
 
     let report = queue.shutdown().await;
     assert_eq!(report.released, 3);
-    let jobs = store.list_items(&Scope::Admin, batch, Default::default()).await.unwrap().items;
-    assert!(jobs.iter().all(|j| j.status == JobStatus::Queued && j.attempts == 0), "{jobs:?}");
+    let jobs = store
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        jobs.iter()
+            .all(|j| j.status == JobStatus::Queued && j.attempts == 0),
+        "{jobs:?}"
+    );
 }
 
 #[tokio::test]
@@ -425,11 +508,18 @@ async fn events_follow_the_commit_they_describe() {
     let mut finished = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while finished == 0 {
-        let event = tokio::time::timeout_at(deadline, events.recv()).await.unwrap().unwrap();
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap()
+            .unwrap();
         match event {
             QueueEvent::JobCompleted(job) => {
                 // The event is sent after commit, so a read sees the new state.
-                let stored = queue.store().get_job(&Scope::Admin, job.job_id).await.unwrap();
+                let stored = queue
+                    .store()
+                    .get_job(&Scope::Admin, job.job_id)
+                    .await
+                    .unwrap();
                 assert_eq!(stored.status, JobStatus::Succeeded);
                 completed += 1;
             }
@@ -439,11 +529,17 @@ async fn events_follow_the_commit_they_describe() {
         }
     }
     assert_eq!(completed, 20);
-    assert!(progress_seen.windows(2).all(|w| w[0] <= w[1]), "progress never goes back: {progress_seen:?}");
+    assert!(
+        progress_seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress never goes back: {progress_seen:?}"
+    );
     assert_eq!(progress_seen.last(), Some(&20));
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(queue.store().pending_finishes(10).await.unwrap().is_empty(), "the finish was acknowledged");
+    assert!(
+        queue.store().pending_finishes(10).await.unwrap().is_empty(),
+        "the finish was acknowledged"
+    );
     queue.shutdown().await;
 }
 
@@ -455,7 +551,12 @@ async fn undelivered_finish_is_delivered_on_start() {
     // Finish a batch through the store alone, as a process that crashed
     // right after its commit would have left it.
     let batch = domain::NewBatch::new(alice(), "noop");
-    let id = store.create_batch(batch, items(1), chrono::Utc::now()).await.unwrap().batch.id;
+    let id = store
+        .create_batch(batch, items(1), chrono::Utc::now())
+        .await
+        .unwrap()
+        .batch
+        .id;
     let owner = domain::LeaseOwner::unique("crashed");
     let now = chrono::Utc::now();
     let claimed = store
@@ -510,9 +611,17 @@ async fn progress_reports_are_stored_and_published() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut progress: HashMap<JobId, u8> = HashMap::new();
     loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             QueueEvent::JobProgress(job) => {
-                let stored = queue.store().get_job(&Scope::Admin, job.job_id).await.unwrap();
+                let stored = queue
+                    .store()
+                    .get_job(&Scope::Admin, job.job_id)
+                    .await
+                    .unwrap();
                 assert_eq!(stored.progress, 50);
                 progress.insert(job.job_id, job.progress.unwrap());
             }

@@ -26,7 +26,11 @@ fn page_limit(limit: u32) -> u32 {
 fn into_page<T>(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Page<T> {
     let has_more = items.len() > limit as usize;
     items.truncate(limit as usize);
-    let next_cursor = if has_more { items.last().map(cursor_of) } else { None };
+    let next_cursor = if has_more {
+        items.last().map(cursor_of)
+    } else {
+        None
+    };
     Page { items, next_cursor }
 }
 
@@ -45,7 +49,12 @@ fn batch_of_job(conn: &Connection, scope: &Scope, id: JobId) -> Result<Batch, St
     })
 }
 
-fn dead_ids(conn: &Connection, scope: &Scope, filter: &DeadLetterFilter, limit: u32) -> Result<Vec<Job>, StoreError> {
+fn dead_ids(
+    conn: &Connection,
+    scope: &Scope,
+    filter: &DeadLetterFilter,
+    limit: u32,
+) -> Result<Vec<Job>, StoreError> {
     let mut query = format!(
         "SELECT {} FROM jobs j JOIN batches b ON b.id = j.batch_id
          WHERE j.status = 'dead' AND b.accepted = 1 AND j.id > ?1",
@@ -117,11 +126,18 @@ impl AdminStore for SqliteStore {
             .await
     }
 
-    async fn list_batches(&self, scope: &Scope, filter: BatchFilter) -> Result<Page<Batch>, StoreError> {
+    async fn list_batches(
+        &self,
+        scope: &Scope,
+        filter: BatchFilter,
+    ) -> Result<Page<Batch>, StoreError> {
         let scope = scope.clone();
         let limit = page_limit(filter.limit);
         self.read("list batches", move |conn| {
-            let mut query = format!("SELECT {} FROM batches WHERE accepted = 1", sql::BATCH_COLUMNS);
+            let mut query = format!(
+                "SELECT {} FROM batches WHERE accepted = 1",
+                sql::BATCH_COLUMNS
+            );
             let owner = scope.owner().map(|o| o.as_str().to_owned());
             let status = filter.status.map(|s| s.as_str());
             let cursor = filter.cursor.map(|id| id.to_string());
@@ -149,7 +165,12 @@ impl AdminStore for SqliteStore {
         .await
     }
 
-    async fn list_items(&self, scope: &Scope, batch_id: BatchId, filter: ItemFilter) -> Result<Page<Job>, StoreError> {
+    async fn list_items(
+        &self,
+        scope: &Scope,
+        batch_id: BatchId,
+        filter: ItemFilter,
+    ) -> Result<Page<Job>, StoreError> {
         let scope = scope.clone();
         let limit = page_limit(filter.limit);
         self.read("list batch items", move |conn| {
@@ -215,9 +236,14 @@ impl AdminStore for SqliteStore {
                 mutation.cancel_waiting_in_batch(&batch_id, &reason)?;
 
                 let running: Vec<i64> = {
-                    let mut stmt = conn.prepare_cached(sql::RUNNING_IN_BATCH).map_err(db_error("cancel batch"))?;
-                    let rows = stmt.query_map([&batch_id], |row| row.get(0)).map_err(db_error("cancel batch"))?;
-                    rows.collect::<Result<_, _>>().map_err(db_error("cancel batch"))?
+                    let mut stmt = conn
+                        .prepare_cached(sql::RUNNING_IN_BATCH)
+                        .map_err(db_error("cancel batch"))?;
+                    let rows = stmt
+                        .query_map([&batch_id], |row| row.get(0))
+                        .map_err(db_error("cancel batch"))?;
+                    rows.collect::<Result<_, _>>()
+                        .map_err(db_error("cancel batch"))?
                 };
                 mutation.touch_batch(&batch_id);
                 let mut changes = mutation.finish()?;
@@ -256,7 +282,11 @@ impl AdminStore for SqliteStore {
             .await
     }
 
-    async fn list_dead(&self, scope: &Scope, filter: DeadLetterFilter) -> Result<Page<Job>, StoreError> {
+    async fn list_dead(
+        &self,
+        scope: &Scope,
+        filter: DeadLetterFilter,
+    ) -> Result<Page<Job>, StoreError> {
         let scope = scope.clone();
         let limit = page_limit(filter.limit);
         self.read("list dead letters", move |conn| {
@@ -312,11 +342,16 @@ impl AdminStore for SqliteStore {
         let limit = request.max_batches;
         let batch_ids: Vec<String> = self
             .read("find prunable batches", move |conn| {
-                let mut stmt = conn.prepare_cached(sql::PRUNABLE_BATCHES).map_err(db_error("find prunable batches"))?;
-                let rows = stmt
-                    .query_map(params![completed_before, failed_before, limit], |row| row.get(0))
+                let mut stmt = conn
+                    .prepare_cached(sql::PRUNABLE_BATCHES)
                     .map_err(db_error("find prunable batches"))?;
-                rows.collect::<Result<_, _>>().map_err(db_error("find prunable batches"))
+                let rows = stmt
+                    .query_map(params![completed_before, failed_before, limit], |row| {
+                        row.get(0)
+                    })
+                    .map_err(db_error("find prunable batches"))?;
+                rows.collect::<Result<_, _>>()
+                    .map_err(db_error("find prunable batches"))
             })
             .await?;
 
@@ -338,7 +373,12 @@ impl AdminStore for SqliteStore {
         Ok(report)
     }
 
-    async fn set_kind_paused(&self, kind: &str, paused: bool, now: DateTime<Utc>) -> Result<KindControl, StoreError> {
+    async fn set_kind_paused(
+        &self,
+        kind: &str,
+        paused: bool,
+        now: DateTime<Utc>,
+    ) -> Result<KindControl, StoreError> {
         let kind = kind.to_owned();
         self.writer()
             .write("pause kind", false, move |conn| {

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::{
-    AppliedOutcome, AttemptOutcome, AttemptRecord, BatchFinished, BatchId, BeginOutcome,
-    ChangeSet, ClaimRequest, ClaimedJob, CreatedBatch, DependencyRef, FailureKind, JobId,
-    JobStatus, JobStore, KindControl, LeaseRef, NewBatch, NewJob, OutcomeKind, OutcomeResult,
-    ProgressUpdate, PromoteReport, ReapReport, Scope, StagingBatch, StoreError, UserId,
+    AppliedOutcome, AttemptOutcome, AttemptRecord, BatchFinished, BatchId, BeginOutcome, ChangeSet,
+    ClaimRequest, ClaimedJob, CreatedBatch, DependencyRef, FailureKind, JobId, JobStatus, JobStore,
+    KindControl, LeaseRef, NewBatch, NewJob, OutcomeKind, OutcomeResult, ProgressUpdate,
+    PromoteReport, ReapReport, Scope, StagingBatch, StoreError, UserId,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::value::RawValue;
@@ -50,7 +50,7 @@ fn validate(batch: &NewBatch) -> Result<(), StoreError> {
 /// Outcome of the first step of a creation, inside the writer.
 enum Begun {
     Started,
-    Existing(domain::Batch),
+    Existing(Box<domain::Batch>),
 }
 
 fn begin_in(conn: &Connection, batch: &NewBatch, now_ms: i64) -> Result<Begun, StoreError> {
@@ -76,7 +76,8 @@ fn begin_in(conn: &Connection, batch: &NewBatch, now_ms: i64) -> Result<Begun, S
                 return Err(StoreError::IdempotencyMismatch { key: key.clone() });
             }
             let scope = Scope::Owner(batch.owner.clone());
-            return read::batch(conn, &scope, parse_batch_id(&id)?).map(Begun::Existing);
+            return read::batch(conn, &scope, parse_batch_id(&id)?)
+                .map(|batch| Begun::Existing(Box::new(batch)));
         }
     }
 
@@ -84,8 +85,10 @@ fn begin_in(conn: &Connection, batch: &NewBatch, now_ms: i64) -> Result<Begun, S
         let owner: Option<(String, bool)> = conn
             .prepare_cached("SELECT owner, accepted FROM batches WHERE id = ?1")
             .and_then(|mut stmt| {
-                stmt.query_row([dependency.to_string()], |row| Ok((row.get(0)?, row.get(1)?)))
-                    .optional()
+                stmt.query_row([dependency.to_string()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
             })
             .map_err(db_error("check batch dependency"))?;
         let visible = matches!(&owner, Some((owner, true)) if owner == batch.owner.as_str());
@@ -134,16 +137,22 @@ fn insert_items_in(
 ) -> Result<(), StoreError> {
     let conn = mutation.conn;
     let batch_id = staging.id.to_string();
-    let (item_count, priority, max_attempts, run_at, kind): (i64, i32, u32, Option<i64>, String) = conn
-        .prepare_cached(sql::STAGING_BATCH)
-        .and_then(|mut stmt| {
-            stmt.query_row([&batch_id], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    let (item_count, priority, max_attempts, run_at, kind): (i64, i32, u32, Option<i64>, String) =
+        conn.prepare_cached(sql::STAGING_BATCH)
+            .and_then(|mut stmt| {
+                stmt.query_row([&batch_id], |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                })
+                .optional()
             })
-            .optional()
-        })
-        .map_err(db_error("read staging batch"))?
-        .ok_or_else(|| StoreError::not_found("staging batch", &batch_id))?;
+            .map_err(db_error("read staging batch"))?
+            .ok_or_else(|| StoreError::not_found("staging batch", &batch_id))?;
 
     if item_count != i64::from(staging.items_appended) {
         return Err(StoreError::Invalid {
@@ -191,11 +200,9 @@ fn insert_items_in(
         let job_id = conn.last_insert_rowid();
 
         if let Some(reason) = plan.doomed_by {
-            conn.prepare_cached(
-                "UPDATE jobs SET finished_at = ?2, last_error = ?3 WHERE id = ?1",
-            )
-            .and_then(|mut stmt| stmt.execute(params![job_id, mutation.now_ms, reason]))
-            .map_err(db_error("cancel job with a dead dependency"))?;
+            conn.prepare_cached("UPDATE jobs SET finished_at = ?2, last_error = ?3 WHERE id = ?1")
+                .and_then(|mut stmt| stmt.execute(params![job_id, mutation.now_ms, reason]))
+                .map_err(db_error("cancel job with a dead dependency"))?;
             mutation.job_changed(
                 JobId(job_id),
                 Touched {
@@ -259,7 +266,10 @@ fn plan_dependencies(
 
         let found: Option<(String, String)> = conn
             .prepare_cached(sql::JOB_FOR_DEPENDENCY)
-            .and_then(|mut stmt| stmt.query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?))).optional())
+            .and_then(|mut stmt| {
+                stmt.query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
             .map_err(db_error("check job dependency"))?;
         let status = match found {
             Some((status, dependency_owner)) if dependency_owner == owner.as_str() => status,
@@ -339,13 +349,19 @@ fn accept_in(mutation: &mut Mutation<'_>, staging: &StagingBatch) -> Result<u32,
 
 /// Lifts the staging blocker from the next range of a batch's items.
 /// Returns true once every item is released.
-fn release_chunk_in(mutation: &mut Mutation<'_>, batch_id: &str, chunk: usize) -> Result<bool, StoreError> {
+fn release_chunk_in(
+    mutation: &mut Mutation<'_>,
+    batch_id: &str,
+    chunk: usize,
+) -> Result<bool, StoreError> {
     let conn = mutation.conn;
     let state: Option<(i64, i64, i64, String)> = conn
         .prepare_cached(sql::RELEASE_STATE)
         .and_then(|mut stmt| {
-            stmt.query_row([batch_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
-                .optional()
+            stmt.query_row([batch_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .optional()
         })
         .map_err(db_error("read release state"))?;
     let Some((released, item_count, waiting_on, kind)) = state else {
@@ -371,7 +387,11 @@ fn release_chunk_in(mutation: &mut Mutation<'_>, batch_id: &str, chunk: usize) -
 impl SqliteStore {
     /// Releases every item of an accepted batch, one bounded transaction at
     /// a time.
-    pub(crate) async fn release_items(&self, batch_id: String, now: DateTime<Utc>) -> Result<ChangeSet, StoreError> {
+    pub(crate) async fn release_items(
+        &self,
+        batch_id: String,
+        now: DateTime<Utc>,
+    ) -> Result<ChangeSet, StoreError> {
         let chunk = self.config().release_chunk_rows.max(1);
         let mut changes = ChangeSet::default();
         loop {
@@ -430,15 +450,22 @@ impl SqliteStore {
         };
         let begun = self
             .writer()
-            .write("begin batch", false, move |conn| begin_in(conn, &batch, to_millis(now)))
+            .write("begin batch", false, move |conn| {
+                begin_in(conn, &batch, to_millis(now))
+            })
             .await?;
         Ok(match begun {
             Begun::Started => BeginOutcome::Started(staging),
-            Begun::Existing(batch) => BeginOutcome::Existing(batch),
+            Begun::Existing(batch) => BeginOutcome::Existing(*batch),
         })
     }
 
-    async fn append(&self, staging: &StagingBatch, items: Vec<NewJob>, now: DateTime<Utc>) -> Result<ChangeSet, StoreError> {
+    async fn append(
+        &self,
+        staging: &StagingBatch,
+        items: Vec<NewJob>,
+        now: DateTime<Utc>,
+    ) -> Result<ChangeSet, StoreError> {
         let staging = staging.clone();
         self.writer()
             .write("append batch items", true, move |conn| {
@@ -449,7 +476,11 @@ impl SqliteStore {
             .await
     }
 
-    async fn accept(&self, staging: StagingBatch, now: DateTime<Utc>) -> Result<ChangeSet, StoreError> {
+    async fn accept(
+        &self,
+        staging: StagingBatch,
+        now: DateTime<Utc>,
+    ) -> Result<ChangeSet, StoreError> {
         let batch_id = staging.id.to_string();
         let mut changes = self
             .writer()
@@ -465,13 +496,20 @@ impl SqliteStore {
     }
 
     async fn load_batch(&self, owner: UserId, id: BatchId) -> Result<domain::Batch, StoreError> {
-        self.read("read batch", move |conn| read::batch(conn, &Scope::Owner(owner), id))
-            .await
+        self.read("read batch", move |conn| {
+            read::batch(conn, &Scope::Owner(owner), id)
+        })
+        .await
     }
 
     /// Creates a batch small enough for one transaction: insert, accept and
     /// release together, so it is never seen half-made.
-    async fn create_small(&self, batch: NewBatch, items: Vec<NewJob>, now: DateTime<Utc>) -> Result<CreatedBatch, StoreError> {
+    async fn create_small(
+        &self,
+        batch: NewBatch,
+        items: Vec<NewJob>,
+        now: DateTime<Utc>,
+    ) -> Result<CreatedBatch, StoreError> {
         validate(&batch)?;
         let chunk = self.config().release_chunk_rows.max(1);
         self.writer()
@@ -485,7 +523,7 @@ impl SqliteStore {
                 };
                 if let Begun::Existing(existing) = begin_in(conn, &batch, now_ms)? {
                     return Ok(CreatedBatch {
-                        batch: existing,
+                        batch: *existing,
                         created: false,
                         changes: ChangeSet::default(),
                     });
@@ -556,7 +594,11 @@ impl JobStore for SqliteStore {
         self.commit_batch(staging, now).await
     }
 
-    async fn begin_batch(&self, batch: NewBatch, now: DateTime<Utc>) -> Result<BeginOutcome, StoreError> {
+    async fn begin_batch(
+        &self,
+        batch: NewBatch,
+        now: DateTime<Utc>,
+    ) -> Result<BeginOutcome, StoreError> {
         self.begin(batch, now).await
     }
 
@@ -575,7 +617,11 @@ impl JobStore for SqliteStore {
         Ok(())
     }
 
-    async fn commit_batch(&self, staging: StagingBatch, now: DateTime<Utc>) -> Result<CreatedBatch, StoreError> {
+    async fn commit_batch(
+        &self,
+        staging: StagingBatch,
+        now: DateTime<Utc>,
+    ) -> Result<CreatedBatch, StoreError> {
         let owner = staging.owner.clone();
         let id = staging.id;
         let changes = self.accept(staging, now).await?;
@@ -605,28 +651,45 @@ impl JobStore for SqliteStore {
         self.delete_batch_in_chunks(id).await.map(|_| ())
     }
 
-    async fn claim(&self, request: ClaimRequest, now: DateTime<Utc>) -> Result<Vec<ClaimedJob>, StoreError> {
+    async fn claim(
+        &self,
+        request: ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedJob>, StoreError> {
         if request.limit == 0 {
             return Ok(Vec::new());
         }
         self.writer()
-            .write("claim jobs", false, move |conn| claim_in(conn, &request, now))
+            .write("claim jobs", false, move |conn| {
+                claim_in(conn, &request, now)
+            })
             .await
     }
 
-    async fn heartbeat(&self, leases: &[LeaseRef], lease_until: DateTime<Utc>) -> Result<Vec<JobId>, StoreError> {
+    async fn heartbeat(
+        &self,
+        leases: &[LeaseRef],
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, StoreError> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
         let leases = leases.to_vec();
         self.writer()
             .write("extend leases", false, move |conn| {
-                let mut stmt = conn.prepare_cached(sql::HEARTBEAT).map_err(db_error("extend leases"))?;
+                let mut stmt = conn
+                    .prepare_cached(sql::HEARTBEAT)
+                    .map_err(db_error("extend leases"))?;
                 let until = to_millis(lease_until);
                 let mut lost = Vec::new();
                 for lease in &leases {
                     let updated = stmt
-                        .execute(params![lease.job_id.0, lease.owner.as_str(), lease.attempt, until])
+                        .execute(params![
+                            lease.job_id.0,
+                            lease.owner.as_str(),
+                            lease.attempt,
+                            until
+                        ])
                         .map_err(db_error("extend leases"))?;
                     if updated == 0 {
                         lost.push(lease.job_id);
@@ -663,7 +726,9 @@ impl JobStore for SqliteStore {
         }
         self.writer()
             .write("record progress", false, move |conn| {
-                let mut stmt = conn.prepare_cached(sql::PROGRESS).map_err(db_error("record progress"))?;
+                let mut stmt = conn
+                    .prepare_cached(sql::PROGRESS)
+                    .map_err(db_error("record progress"))?;
                 for update in &updates {
                     let lease = &update.lease;
                     stmt.execute(params![
@@ -684,11 +749,14 @@ impl JobStore for SqliteStore {
             .write("promote due jobs", false, move |conn| {
                 let now_ms = to_millis(now);
                 let kinds: Vec<String> = {
-                    let mut stmt = conn.prepare_cached(sql::PROMOTE_DUE).map_err(db_error("promote due jobs"))?;
+                    let mut stmt = conn
+                        .prepare_cached(sql::PROMOTE_DUE)
+                        .map_err(db_error("promote due jobs"))?;
                     let rows = stmt
                         .query_map(params![now_ms, SWEEP_LIMIT], |row| row.get(0))
                         .map_err(db_error("promote due jobs"))?;
-                    rows.collect::<Result<_, _>>().map_err(db_error("promote due jobs"))?
+                    rows.collect::<Result<_, _>>()
+                        .map_err(db_error("promote due jobs"))?
                 };
                 let next_due: Option<i64> = conn
                     .prepare_cached(sql::NEXT_DUE)
@@ -718,7 +786,9 @@ impl JobStore for SqliteStore {
 
     async fn pending_finishes(&self, limit: u32) -> Result<Vec<BatchFinished>, StoreError> {
         self.read("read batch outbox", move |conn| {
-            let mut stmt = conn.prepare_cached(sql::PENDING_FINISHES).map_err(db_error("read batch outbox"))?;
+            let mut stmt = conn
+                .prepare_cached(sql::PENDING_FINISHES)
+                .map_err(db_error("read batch outbox"))?;
             let rows: Vec<(i64, String)> = stmt
                 .query_map([limit], |row| Ok((row.get(0)?, row.get(1)?)))
                 .map_err(db_error("read batch outbox"))?
@@ -726,11 +796,15 @@ impl JobStore for SqliteStore {
                 .map_err(db_error("read batch outbox"))?;
             rows.into_iter()
                 .map(|(id, event)| {
-                    let finished: BatchFinished = serde_json::from_str(&event).map_err(|_| StoreError::Corrupt {
-                        what: "outbox event",
-                        value: event.clone(),
-                    })?;
-                    Ok(BatchFinished { outbox_id: id, ..finished })
+                    let finished: BatchFinished =
+                        serde_json::from_str(&event).map_err(|_| StoreError::Corrupt {
+                            what: "outbox event",
+                            value: event.clone(),
+                        })?;
+                    Ok(BatchFinished {
+                        outbox_id: id,
+                        ..finished
+                    })
                 })
                 .collect()
         })
@@ -744,9 +818,12 @@ impl JobStore for SqliteStore {
         let ids = outbox_ids.to_vec();
         self.writer()
             .write("acknowledge batch outbox", false, move |conn| {
-                let mut stmt = conn.prepare_cached(sql::ACK_FINISH).map_err(db_error("acknowledge batch outbox"))?;
+                let mut stmt = conn
+                    .prepare_cached(sql::ACK_FINISH)
+                    .map_err(db_error("acknowledge batch outbox"))?;
                 for id in ids {
-                    stmt.execute([id]).map_err(db_error("acknowledge batch outbox"))?;
+                    stmt.execute([id])
+                        .map_err(db_error("acknowledge batch outbox"))?;
                 }
                 Ok(())
             })
@@ -755,7 +832,9 @@ impl JobStore for SqliteStore {
 
     async fn kind_controls(&self) -> Result<Vec<KindControl>, StoreError> {
         self.read("read kind controls", |conn| {
-            let mut stmt = conn.prepare_cached(sql::KIND_CONTROLS).map_err(db_error("read kind controls"))?;
+            let mut stmt = conn
+                .prepare_cached(sql::KIND_CONTROLS)
+                .map_err(db_error("read kind controls"))?;
             let rows = stmt
                 .query_map([], |row| {
                     Ok(KindControl {
@@ -765,7 +844,8 @@ impl JobStore for SqliteStore {
                     })
                 })
                 .map_err(db_error("read kind controls"))?;
-            rows.collect::<Result<_, _>>().map_err(db_error("read kind controls"))
+            rows.collect::<Result<_, _>>()
+                .map_err(db_error("read kind controls"))
         })
         .await
     }
@@ -792,14 +872,26 @@ struct ClaimedRow {
     created_at: i64,
 }
 
-fn claim_in(conn: &Connection, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Vec<ClaimedJob>, StoreError> {
+fn claim_in(
+    conn: &Connection,
+    request: &ClaimRequest,
+    now: DateTime<Utc>,
+) -> Result<Vec<ClaimedJob>, StoreError> {
     let now_ms = to_millis(now);
     let lease_until = to_millis(request.lease_until);
     let mut rows: Vec<ClaimedRow> = {
-        let mut stmt = conn.prepare_cached(sql::CLAIM).map_err(db_error("claim jobs"))?;
+        let mut stmt = conn
+            .prepare_cached(sql::CLAIM)
+            .map_err(db_error("claim jobs"))?;
         let rows = stmt
             .query_map(
-                params![request.owner.as_str(), lease_until, now_ms, request.kind, request.limit],
+                params![
+                    request.owner.as_str(),
+                    lease_until,
+                    now_ms,
+                    request.kind,
+                    request.limit
+                ],
                 |row| {
                     Ok(ClaimedRow {
                         id: row.get(0)?,
@@ -814,7 +906,8 @@ fn claim_in(conn: &Connection, request: &ClaimRequest, now: DateTime<Utc>) -> Re
                 },
             )
             .map_err(db_error("claim jobs"))?;
-        rows.collect::<Result<_, _>>().map_err(db_error("claim jobs"))?
+        rows.collect::<Result<_, _>>()
+            .map_err(db_error("claim jobs"))?
     };
     // RETURNING gives rows in no promised order.
     rows.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
@@ -897,7 +990,12 @@ fn cancel_requested(conn: &Connection, batch_id: &str) -> Result<bool, StoreErro
 
 /// Cancels a job that just went back to waiting because its batch was
 /// cancelled while it ran. Returns true if it did.
-fn cancel_if_requested(mutation: &mut Mutation<'_>, job_id: JobId, touched: &Touched, attempt: u32) -> Result<bool, StoreError> {
+fn cancel_if_requested(
+    mutation: &mut Mutation<'_>,
+    job_id: JobId,
+    touched: &Touched,
+    attempt: u32,
+) -> Result<bool, StoreError> {
     if !cancel_requested(mutation.conn, &touched.batch_id)? {
         return Ok(false);
     }
@@ -916,12 +1014,22 @@ fn cancel_if_requested(mutation: &mut Mutation<'_>, job_id: JobId, touched: &Tou
             seq: touched.seq,
             kind: touched.kind.clone(),
         };
-        mutation.job_changed(job_id, touched, JobStatus::Cancelled, attempt, Some(reason.into()), None)?;
+        mutation.job_changed(
+            job_id,
+            touched,
+            JobStatus::Cancelled,
+            attempt,
+            Some(reason.into()),
+            None,
+        )?;
     }
     Ok(cancelled.is_some())
 }
 
-fn record_one(mutation: &mut Mutation<'_>, outcome: AttemptOutcome) -> Result<OutcomeResult, StoreError> {
+fn record_one(
+    mutation: &mut Mutation<'_>,
+    outcome: AttemptOutcome,
+) -> Result<OutcomeResult, StoreError> {
     let conn = mutation.conn;
     let now_ms = mutation.now_ms;
     let lease = &outcome.lease;
@@ -953,13 +1061,26 @@ fn record_one(mutation: &mut Mutation<'_>, outcome: AttemptOutcome) -> Result<Ou
             let encoded = encode_attempt(&record(*failure, error))?;
             let uncounted = i64::from(!*counts_attempt);
             let run_at_ms = to_millis(*run_at);
-            let Some(touched) = fenced(conn, sql::RETRY, lease, &[&run_at_ms, error, &encoded, &uncounted])? else {
+            let Some(touched) = fenced(
+                conn,
+                sql::RETRY,
+                lease,
+                &[&run_at_ms, error, &encoded, &uncounted],
+            )?
+            else {
                 return Ok(OutcomeResult::LeaseLost);
             };
             if cancel_if_requested(mutation, job_id, &touched, attempt)? {
                 JobStatus::Cancelled
             } else {
-                mutation.job_requeued(job_id, touched, JobStatus::Retrying, attempt, Some(error.clone()), Some(*run_at))?;
+                mutation.job_requeued(
+                    job_id,
+                    touched,
+                    JobStatus::Retrying,
+                    attempt,
+                    Some(error.clone()),
+                    Some(*run_at),
+                )?;
                 JobStatus::Retrying
             }
         }
@@ -968,14 +1089,29 @@ fn record_one(mutation: &mut Mutation<'_>, outcome: AttemptOutcome) -> Result<Ou
             let Some(touched) = fenced(conn, sql::DIE, lease, &[&now_ms, error, &encoded])? else {
                 return Ok(OutcomeResult::LeaseLost);
             };
-            mutation.job_changed(job_id, touched, JobStatus::Dead, attempt, Some(error.clone()), None)?;
+            mutation.job_changed(
+                job_id,
+                touched,
+                JobStatus::Dead,
+                attempt,
+                Some(error.clone()),
+                None,
+            )?;
             JobStatus::Dead
         }
         OutcomeKind::Cancelled { reason } => {
-            let Some(touched) = fenced(conn, sql::CANCEL_RUNNING, lease, &[&now_ms, reason])? else {
+            let Some(touched) = fenced(conn, sql::CANCEL_RUNNING, lease, &[&now_ms, reason])?
+            else {
                 return Ok(OutcomeResult::LeaseLost);
             };
-            mutation.job_changed(job_id, touched, JobStatus::Cancelled, attempt, Some(reason.clone()), None)?;
+            mutation.job_changed(
+                job_id,
+                touched,
+                JobStatus::Cancelled,
+                attempt,
+                Some(reason.clone()),
+                None,
+            )?;
             JobStatus::Cancelled
         }
         OutcomeKind::Deferred { run_at } => {
@@ -987,7 +1123,14 @@ fn record_one(mutation: &mut Mutation<'_>, outcome: AttemptOutcome) -> Result<Ou
             if cancel_if_requested(mutation, job_id, &touched, attempts_before)? {
                 JobStatus::Cancelled
             } else {
-                mutation.job_requeued(job_id, touched, JobStatus::Scheduled, attempts_before, None, Some(*run_at))?;
+                mutation.job_requeued(
+                    job_id,
+                    touched,
+                    JobStatus::Scheduled,
+                    attempts_before,
+                    None,
+                    Some(*run_at),
+                )?;
                 JobStatus::Scheduled
             }
         }
@@ -999,7 +1142,14 @@ fn record_one(mutation: &mut Mutation<'_>, outcome: AttemptOutcome) -> Result<Ou
             if cancel_if_requested(mutation, job_id, &touched, attempts_before)? {
                 JobStatus::Cancelled
             } else {
-                mutation.job_requeued(job_id, touched, JobStatus::Queued, attempts_before, None, None)?;
+                mutation.job_requeued(
+                    job_id,
+                    touched,
+                    JobStatus::Queued,
+                    attempts_before,
+                    None,
+                    None,
+                )?;
                 JobStatus::Queued
             }
         }
@@ -1020,7 +1170,9 @@ fn reap_in(conn: &Connection, now: DateTime<Utc>) -> Result<ReapReport, StoreErr
     let mut mutation = Mutation::new(conn, now);
     let now_ms = mutation.now_ms;
     let expired: Vec<ExpiredRow> = {
-        let mut stmt = conn.prepare_cached(sql::EXPIRED_LEASES).map_err(db_error("find expired leases"))?;
+        let mut stmt = conn
+            .prepare_cached(sql::EXPIRED_LEASES)
+            .map_err(db_error("find expired leases"))?;
         let rows = stmt
             .query_map(params![now_ms, SWEEP_LIMIT], |row| {
                 Ok(ExpiredRow {
@@ -1033,7 +1185,8 @@ fn reap_in(conn: &Connection, now: DateTime<Utc>) -> Result<ReapReport, StoreErr
                 })
             })
             .map_err(db_error("find expired leases"))?;
-        rows.collect::<Result<_, _>>().map_err(db_error("find expired leases"))?
+        rows.collect::<Result<_, _>>()
+            .map_err(db_error("find expired leases"))?
     };
 
     let mut report = ReapReport::default();
@@ -1054,29 +1207,63 @@ fn reap_in(conn: &Connection, now: DateTime<Utc>) -> Result<ReapReport, StoreErr
         if cancel_requested(conn, &row.batch_id)? {
             let touched: Option<Touched> = conn
                 .prepare_cached(sql::CANCEL_EXPIRED)
-                .and_then(|mut stmt| stmt.query_row(params![row.id, now_ms, now_ms, "batch was cancelled"], touched_row).optional())
+                .and_then(|mut stmt| {
+                    stmt.query_row(
+                        params![row.id, now_ms, now_ms, "batch was cancelled"],
+                        touched_row,
+                    )
+                    .optional()
+                })
                 .map_err(db_error("cancel expired job"))?;
             if let Some(touched) = touched {
-                mutation.job_changed(job_id, touched, JobStatus::Cancelled, row.attempts, Some("batch was cancelled".into()), None)?;
+                mutation.job_changed(
+                    job_id,
+                    touched,
+                    JobStatus::Cancelled,
+                    row.attempts,
+                    Some("batch was cancelled".into()),
+                    None,
+                )?;
             }
             continue;
         }
 
         let attempts_left = row.attempts < row.max_attempts;
-        let query = if attempts_left { sql::REQUEUE_EXPIRED } else { sql::KILL_EXPIRED };
+        let query = if attempts_left {
+            sql::REQUEUE_EXPIRED
+        } else {
+            sql::KILL_EXPIRED
+        };
         let touched: Option<Touched> = conn
             .prepare_cached(query)
-            .and_then(|mut stmt| stmt.query_row(params![row.id, now_ms, now_ms, error, encoded], touched_row).optional())
+            .and_then(|mut stmt| {
+                stmt.query_row(params![row.id, now_ms, now_ms, error, encoded], touched_row)
+                    .optional()
+            })
             .map_err(db_error("take back expired lease"))?;
         let Some(touched) = touched else {
             continue;
         };
         if attempts_left {
             report.requeued += 1;
-            mutation.job_requeued(job_id, touched, JobStatus::Queued, row.attempts, Some(error), None)?;
+            mutation.job_requeued(
+                job_id,
+                touched,
+                JobStatus::Queued,
+                row.attempts,
+                Some(error),
+                None,
+            )?;
         } else {
             report.dead += 1;
-            mutation.job_changed(job_id, touched, JobStatus::Dead, row.attempts, Some(error), None)?;
+            mutation.job_changed(
+                job_id,
+                touched,
+                JobStatus::Dead,
+                row.attempts,
+                Some(error),
+                None,
+            )?;
         }
     }
 

@@ -197,7 +197,11 @@ impl SqliteStore {
     }
 
     /// Runs a read on a pooled connection off the async threads.
-    pub(crate) async fn read<T, F>(&self, operation: &'static str, work: F) -> Result<T, domain::StoreError>
+    pub(crate) async fn read<T, F>(
+        &self,
+        operation: &'static str,
+        work: F,
+    ) -> Result<T, domain::StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, domain::StoreError> + Send + 'static,
@@ -252,9 +256,15 @@ fn sqlite_error(path: &Path) -> impl Fn(rusqlite::Error) -> OpenError + '_ {
     }
 }
 
-fn open_connection(path: &Path, config: &SqliteConfig, read_only: bool) -> Result<Connection, OpenError> {
+fn open_connection(
+    path: &Path,
+    config: &SqliteConfig,
+    read_only: bool,
+) -> Result<Connection, OpenError> {
     let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
     } else {
         OpenFlags::default()
     };
@@ -294,10 +304,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
             path: lock_path.clone(),
             source,
         })?;
-    lock_file.lock().map_err(|source| OpenError::MigrationLock {
-        path: lock_path.clone(),
-        source,
-    })?;
+    lock_file
+        .lock()
+        .map_err(|source| OpenError::MigrationLock {
+            path: lock_path.clone(),
+            source,
+        })?;
 
     let report = embedded::migrations::runner().run(conn);
     // The lock is released when the file is closed; an unlock error changes
@@ -309,7 +321,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
         source,
     })?;
     for migration in report.applied_migrations() {
-        tracing::info!(version = migration.version(), name = migration.name(), "applied migration");
+        tracing::info!(
+            version = migration.version(),
+            name = migration.name(),
+            "applied migration"
+        );
     }
     Ok(())
 }
@@ -320,7 +336,10 @@ fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn read_pool(path: &Path, config: &SqliteConfig) -> Result<r2d2::Pool<SqliteConnectionManager>, OpenError> {
+fn read_pool(
+    path: &Path,
+    config: &SqliteConfig,
+) -> Result<r2d2::Pool<SqliteConnectionManager>, OpenError> {
     let init_config = config.clone();
     let manager = SqliteConnectionManager::file(path)
         .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -343,7 +362,11 @@ fn read_pool(path: &Path, config: &SqliteConfig) -> Result<r2d2::Pool<SqliteConn
 /// inside the writer's commits. A passive checkpoint never waits for
 /// readers or the writer; a truncating one runs when the WAL has grown
 /// past 64 MiB, to give the file back.
-fn spawn_checkpointer(path: &Path, config: &SqliteConfig, stop: Arc<AtomicBool>) -> Result<(), OpenError> {
+fn spawn_checkpointer(
+    path: &Path,
+    config: &SqliteConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(), OpenError> {
     let conn = open_connection(path, config, false)?;
     let interval = config.checkpoint_interval;
     let wal_path = {

@@ -98,7 +98,15 @@ impl<'c> Mutation<'c> {
 
     /// Records that a job entered `queued` or another waiting state, which
     /// changes no counter but is worth an event.
-    pub(crate) fn job_requeued(&mut self, job_id: JobId, touched: Touched, status: JobStatus, attempt: u32, error: Option<String>, run_at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+    pub(crate) fn job_requeued(
+        &mut self,
+        job_id: JobId,
+        touched: Touched,
+        status: JobStatus,
+        attempt: u32,
+        error: Option<String>,
+        run_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
         if status == JobStatus::Queued {
             self.mark_runnable(&touched.kind);
         }
@@ -216,7 +224,11 @@ impl<'c> Mutation<'c> {
     }
 
     /// Cancels every item of a batch that has not started; returns how many.
-    pub(crate) fn cancel_waiting_in_batch(&mut self, batch_id: &str, reason: &str) -> Result<u64, StoreError> {
+    pub(crate) fn cancel_waiting_in_batch(
+        &mut self,
+        batch_id: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         let rows: Vec<(i64, u32, String, u32)> = {
             let mut stmt = self
                 .conn
@@ -269,7 +281,13 @@ impl<'c> Mutation<'c> {
             .prepare_cached(sql::APPLY_COUNTERS)
             .and_then(|mut stmt| {
                 stmt.query_row(
-                    params![batch_id, delta.succeeded, delta.failed, delta.cancelled, self.now_ms],
+                    params![
+                        batch_id,
+                        delta.succeeded,
+                        delta.failed,
+                        delta.cancelled,
+                        self.now_ms
+                    ],
                     |row| {
                         Ok(CounterRow {
                             owner: row.get(0)?,
@@ -340,7 +358,12 @@ impl<'c> Mutation<'c> {
             counters: row.counters,
             correlation_id: row.correlation_id.clone(),
         };
-        match self.changes.batches.iter_mut().find(|b| b.batch_id == batch) {
+        match self
+            .changes
+            .batches
+            .iter_mut()
+            .find(|b| b.batch_id == batch)
+        {
             Some(existing) => *existing = progress,
             None => self.changes.batches.push(progress),
         }
@@ -365,7 +388,8 @@ impl<'c> Mutation<'c> {
             correlation_id: row.correlation_id.clone(),
             finished_at: self.now,
         };
-        let stored = serde_json::to_string(&event).map_err(|source| StoreError::backend("encode outbox event", source))?;
+        let stored = serde_json::to_string(&event)
+            .map_err(|source| StoreError::backend("encode outbox event", source))?;
         let id = batch_id.to_string();
         let inserted = self
             .conn
@@ -374,13 +398,19 @@ impl<'c> Mutation<'c> {
             .map_err(db_error("write batch outbox"))?;
         if inserted == 1 {
             let outbox_id = self.conn.last_insert_rowid();
-            self.changes.finished.push(BatchFinished { outbox_id, ..event });
+            self.changes
+                .finished
+                .push(BatchFinished { outbox_id, ..event });
         }
 
         self.settle_dependent_batches(&id, status)
     }
 
-    fn settle_dependent_batches(&mut self, batch_id: &str, status: BatchStatus) -> Result<(), StoreError> {
+    fn settle_dependent_batches(
+        &mut self,
+        batch_id: &str,
+        status: BatchStatus,
+    ) -> Result<(), StoreError> {
         let dependents: Vec<(String, i64)> = {
             let mut stmt = self
                 .conn
@@ -448,7 +478,8 @@ pub(crate) fn parse_batch_id(id: &str) -> Result<BatchId, StoreError> {
 
 /// Encodes an attempt record for the `errors` JSON column.
 pub(crate) fn encode_attempt(record: &AttemptRecord) -> Result<String, StoreError> {
-    serde_json::to_string(record).map_err(|source| StoreError::backend("encode attempt record", source))
+    serde_json::to_string(record)
+        .map_err(|source| StoreError::backend("encode attempt record", source))
 }
 
 pub(crate) fn millis_to_time(millis: Option<i64>) -> Option<DateTime<Utc>> {

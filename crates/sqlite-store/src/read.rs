@@ -1,8 +1,6 @@
 //! Row mapping and the read queries shared by the writer and the pool.
 
-use domain::{
-    AttemptRecord, Batch, BatchCounters, BatchId, Job, JobId, Scope, StoreError, UserId,
-};
+use domain::{AttemptRecord, Batch, BatchCounters, BatchId, Job, JobId, Scope, StoreError, UserId};
 use rusqlite::{Connection, OptionalExtension, Row};
 use serde_json::value::RawValue;
 
@@ -85,7 +83,10 @@ fn batch_from_row(row: BatchRow) -> Result<Batch, StoreError> {
         id: parse_batch_id(&row.id)?,
         owner: UserId(row.owner),
         kind: row.kind,
-        status: row.status.parse().map_err(|_| corrupt("batch status", &row.status))?,
+        status: row
+            .status
+            .parse()
+            .map_err(|_| corrupt("batch status", &row.status))?,
         counters: BatchCounters {
             item_count,
             succeeded,
@@ -132,7 +133,9 @@ pub(crate) fn batches(
     query: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<Batch>, StoreError> {
-    let mut stmt = conn.prepare_cached(query).map_err(db_error("list batches"))?;
+    let mut stmt = conn
+        .prepare_cached(query)
+        .map_err(db_error("list batches"))?;
     let rows = stmt
         .query_map(params, batch_row)
         .map_err(db_error("list batches"))?
@@ -200,7 +203,10 @@ fn job_from_row(row: JobRow) -> Result<Job, StoreError> {
         seq: row.seq,
         kind: row.kind,
         payload: raw_json("job payload", row.payload)?,
-        status: row.status.parse().map_err(|_| corrupt("job status", &row.status))?,
+        status: row
+            .status
+            .parse()
+            .map_err(|_| corrupt("job status", &row.status))?,
         priority: row.priority,
         attempts: row.attempts,
         max_attempts: row.max_attempts,
@@ -211,7 +217,10 @@ fn job_from_row(row: JobRow) -> Result<Job, StoreError> {
         progress: row.progress,
         last_error: row.last_error,
         errors,
-        result: row.result.map(|text| raw_json("job result", text)).transpose()?,
+        result: row
+            .result
+            .map(|text| raw_json("job result", text))
+            .transpose()?,
         created_at: from_millis(row.created_at),
         attempted_at: millis_to_time(row.attempted_at),
         finished_at: millis_to_time(row.finished_at),

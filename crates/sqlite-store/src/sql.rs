@@ -53,11 +53,9 @@ pub(crate) const RELEASE_ITEMS: &str = "
 UPDATE jobs SET blockers = blockers - 1 + ?4
 WHERE batch_id = ?1 AND seq >= ?2 AND seq < ?3";
 
-pub(crate) const SET_RELEASED_COUNT: &str =
-    "UPDATE batches SET released_count = ?2 WHERE id = ?1";
+pub(crate) const SET_RELEASED_COUNT: &str = "UPDATE batches SET released_count = ?2 WHERE id = ?1";
 
-pub(crate) const RELEASE_STATE: &str =
-    "SELECT released_count, item_count, waiting_on, kind FROM batches WHERE id = ?1 AND accepted = 1";
+pub(crate) const RELEASE_STATE: &str = "SELECT released_count, item_count, waiting_on, kind FROM batches WHERE id = ?1 AND accepted = 1";
 
 pub(crate) const UNRELEASED_BATCHES: &str =
     "SELECT id FROM batches WHERE accepted = 1 AND released_count < item_count";
@@ -243,12 +241,12 @@ UPDATE jobs SET status = 'cancelled', finished_at = ?3, last_error = ?4,
 WHERE id = ?1 AND status = 'processing' AND lease_expires_at < ?2
 RETURNING batch_id, seq, kind";
 
-pub(crate) const PENDING_FINISHES: &str =
-    "SELECT id, event FROM batch_outbox ORDER BY id LIMIT ?1";
+pub(crate) const PENDING_FINISHES: &str = "SELECT id, event FROM batch_outbox ORDER BY id LIMIT ?1";
 
 pub(crate) const ACK_FINISH: &str = "DELETE FROM batch_outbox WHERE id = ?1";
 
-pub(crate) const KIND_CONTROLS: &str = "SELECT kind, paused, updated_at FROM kind_controls ORDER BY kind";
+pub(crate) const KIND_CONTROLS: &str =
+    "SELECT kind, paused, updated_at FROM kind_controls ORDER BY kind";
 
 pub(crate) const SET_KIND_PAUSED: &str = "
 INSERT INTO kind_controls (kind, paused, updated_at) VALUES (?1, ?2, ?3)

@@ -63,7 +63,12 @@ impl Writer {
 
     /// Runs `work` in the next group transaction and returns its result
     /// once that transaction has committed.
-    pub(crate) async fn write<T, F>(&self, operation: &'static str, bulk: bool, work: F) -> Result<T, StoreError>
+    pub(crate) async fn write<T, F>(
+        &self,
+        operation: &'static str,
+        bulk: bool,
+        work: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -72,7 +77,10 @@ impl Writer {
         let run: Run = Box::new(move |conn| {
             let result = match conn {
                 Ok(conn) => work(conn),
-                Err(message) => Err(StoreError::backend(operation, CommitFailed(message.to_owned()))),
+                Err(message) => Err(StoreError::backend(
+                    operation,
+                    CommitFailed(message.to_owned()),
+                )),
             };
             let ok = result.is_ok();
             let reply: Reply = Box::new(move |commit_error| {
@@ -120,7 +128,11 @@ fn run_writer(conn: Connection, receiver: mpsc::Receiver<WriteOp>, max_group_ops
         let started = Instant::now();
         let size = group.len();
         commit_group(&conn, group.drain(..));
-        tracing::trace!(ops = size, elapsed_us = started.elapsed().as_micros() as u64, "group committed");
+        tracing::trace!(
+            ops = size,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group committed"
+        );
     }
 
     tracing::debug!("sqlite writer stopped: every store handle was dropped");

@@ -9,7 +9,10 @@
 //! The suite assumes the backend inserts batches in chunks of at most 500
 //! items, so the 1,200-item batches here take the multi-transaction path.
 
-#![allow(clippy::unwrap_used, reason = "test support: a failed unwrap is a failed check")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test support: a failed unwrap is a failed check"
+)]
 
 use chrono::{DateTime, Duration, Utc};
 use domain::{
@@ -97,7 +100,13 @@ async fn create<S: TestStore>(store: &S, new: NewBatch, n: usize, now: DateTime<
     created.batch.id
 }
 
-async fn claim<S: TestStore>(store: &S, kind: &str, owner: &LeaseOwner, limit: u32, now: DateTime<Utc>) -> Vec<ClaimedJob> {
+async fn claim<S: TestStore>(
+    store: &S,
+    kind: &str,
+    owner: &LeaseOwner,
+    limit: u32,
+    now: DateTime<Utc>,
+) -> Vec<ClaimedJob> {
     store
         .claim(
             ClaimRequest {
@@ -112,7 +121,12 @@ async fn claim<S: TestStore>(store: &S, kind: &str, owner: &LeaseOwner, limit: u
         .unwrap()
 }
 
-async fn record<S: TestStore>(store: &S, job: &ClaimedJob, kind: OutcomeKind, now: DateTime<Utc>) -> OutcomeResult {
+async fn record<S: TestStore>(
+    store: &S,
+    job: &ClaimedJob,
+    kind: OutcomeKind,
+    now: DateTime<Utc>,
+) -> OutcomeResult {
     let outcome = AttemptOutcome {
         lease: job.lease.clone(),
         started_at: now,
@@ -148,7 +162,15 @@ async fn all_items<S: TestStore>(store: &S, id: BatchId) -> Vec<Job> {
     let mut cursor = None;
     loop {
         let page = store
-            .list_items(&Scope::Admin, id, ItemFilter { status: None, cursor, limit: 1_000 })
+            .list_items(
+                &Scope::Admin,
+                id,
+                ItemFilter {
+                    status: None,
+                    cursor,
+                    limit: 1_000,
+                },
+            )
             .await
             .unwrap();
         out.extend(page.items);
@@ -168,10 +190,26 @@ pub async fn assert_counters_match<S: TestStore>(store: &S, id: BatchId) {
     let batch = store.get_batch(&Scope::Admin, id).await.unwrap();
     let jobs = all_items(store, id).await;
     let count = |status| jobs.iter().filter(|j| j.status == status).count() as u64;
-    assert_eq!(batch.counters.item_count, jobs.len() as u64, "item count of {id}");
-    assert_eq!(batch.counters.succeeded, count(JobStatus::Succeeded), "succeeded of {id}");
-    assert_eq!(batch.counters.failed, count(JobStatus::Dead), "failed of {id}");
-    assert_eq!(batch.counters.cancelled, count(JobStatus::Cancelled), "cancelled of {id}");
+    assert_eq!(
+        batch.counters.item_count,
+        jobs.len() as u64,
+        "item count of {id}"
+    );
+    assert_eq!(
+        batch.counters.succeeded,
+        count(JobStatus::Succeeded),
+        "succeeded of {id}"
+    );
+    assert_eq!(
+        batch.counters.failed,
+        count(JobStatus::Dead),
+        "failed of {id}"
+    );
+    assert_eq!(
+        batch.counters.cancelled,
+        count(JobStatus::Cancelled),
+        "cancelled of {id}"
+    );
 }
 
 pub async fn small_batch_is_visible_with_counters<S: TestStore>(store: &S) {
@@ -189,7 +227,10 @@ pub async fn small_batch_is_visible_with_counters<S: TestStore>(store: &S) {
 
     let jobs = all_items(store, id).await;
     assert_eq!(jobs.len(), 3);
-    assert!(jobs.iter().all(|j| j.status == JobStatus::Queued && j.blocked_by == 0));
+    assert!(
+        jobs.iter()
+            .all(|j| j.status == JobStatus::Queued && j.blocked_by == 0)
+    );
     assert_eq!(jobs[2].payload.get(), r#"{"n":2}"#);
     assert_counters_match(store, id).await;
 }
@@ -200,7 +241,10 @@ pub async fn large_batch_is_inserted_in_chunks<S: TestStore>(store: &S) {
     let jobs = all_items(store, id).await;
     assert_eq!(jobs.len(), 1_200);
     assert!(jobs.iter().enumerate().all(|(i, j)| j.seq as usize == i));
-    assert!(jobs.iter().all(|j| j.blocked_by == 0), "every item is released");
+    assert!(
+        jobs.iter().all(|j| j.blocked_by == 0),
+        "every item is released"
+    );
 
     let owner = LeaseOwner::unique("test");
     let claimed = claim(store, "noop", &owner, 2_000, now).await;
@@ -214,16 +258,28 @@ pub async fn staging_batch_is_invisible_until_commit<S: TestStore>(store: &S) {
     let BeginOutcome::Started(mut staging) = store.begin_batch(new, now).await.unwrap() else {
         panic!("a fresh batch must start staging");
     };
-    store.append_items(&mut staging, items(10), now).await.unwrap();
+    store
+        .append_items(&mut staging, items(10), now)
+        .await
+        .unwrap();
 
     let hidden = store.get_batch(&Scope::Admin, id).await;
-    assert!(matches!(hidden, Err(StoreError::NotFound { .. })), "{hidden:?}");
+    assert!(
+        matches!(hidden, Err(StoreError::NotFound { .. })),
+        "{hidden:?}"
+    );
     let owner = LeaseOwner::unique("test");
     assert!(claim(store, "noop", &owner, 100, now).await.is_empty());
-    let listed = store.list_batches(&Scope::Admin, BatchFilter::default()).await.unwrap();
+    let listed = store
+        .list_batches(&Scope::Admin, BatchFilter::default())
+        .await
+        .unwrap();
     assert!(listed.items.is_empty());
 
-    store.append_items(&mut staging, items(5), now).await.unwrap();
+    store
+        .append_items(&mut staging, items(5), now)
+        .await
+        .unwrap();
     let created = store.commit_batch(staging, now).await.unwrap();
     assert_eq!(created.batch.counters.item_count, 15);
     assert_eq!(claim(store, "noop", &owner, 100, now).await.len(), 15);
@@ -236,7 +292,10 @@ pub async fn aborted_batch_leaves_nothing<S: TestStore>(store: &S) {
     let BeginOutcome::Started(mut staging) = store.begin_batch(new, now).await.unwrap() else {
         panic!("a fresh batch must start staging");
     };
-    store.append_items(&mut staging, items(10), now).await.unwrap();
+    store
+        .append_items(&mut staging, items(10), now)
+        .await
+        .unwrap();
     store.abort_batch(staging).await.unwrap();
 
     assert!(store.get_batch(&Scope::Admin, id).await.is_err());
@@ -248,7 +307,10 @@ pub async fn aborted_batch_leaves_nothing<S: TestStore>(store: &S) {
 
 pub async fn empty_batch_is_rejected<S: TestStore>(store: &S) {
     let result = store.create_batch(batch("noop"), Vec::new(), t0()).await;
-    assert!(matches!(result, Err(StoreError::Invalid { field: "items", .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(StoreError::Invalid { field: "items", .. })),
+        "{result:?}"
+    );
 }
 
 pub async fn idempotency_key_returns_the_same_batch<S: TestStore>(store: &S) {
@@ -259,14 +321,23 @@ pub async fn idempotency_key_returns_the_same_batch<S: TestStore>(store: &S) {
         new.request_digest = Some(digest.into());
         new
     };
-    let first = store.create_batch(keyed("d1"), items(2), now).await.unwrap();
-    let second = store.create_batch(keyed("d1"), items(2), now).await.unwrap();
+    let first = store
+        .create_batch(keyed("d1"), items(2), now)
+        .await
+        .unwrap();
+    let second = store
+        .create_batch(keyed("d1"), items(2), now)
+        .await
+        .unwrap();
     assert!(first.created);
     assert!(!second.created);
     assert_eq!(first.batch.id, second.batch.id);
 
     let mismatch = store.create_batch(keyed("d2"), items(2), now).await;
-    assert!(matches!(mismatch, Err(StoreError::IdempotencyMismatch { .. })), "{mismatch:?}");
+    assert!(
+        matches!(mismatch, Err(StoreError::IdempotencyMismatch { .. })),
+        "{mismatch:?}"
+    );
 
     // Another owner may use the same key for a batch of their own.
     let mut other = keyed("d1");
@@ -318,7 +389,15 @@ pub async fn success_finishes_the_batch_once<S: TestStore>(store: &S) {
     let claimed = claim(store, "noop", &owner, 10, now).await;
 
     let result = serde_json::value::to_raw_value(&serde_json::json!({ "ok": true })).unwrap();
-    let first = record(store, &claimed[0], OutcomeKind::Succeeded { result: Some(result) }, now).await;
+    let first = record(
+        store,
+        &claimed[0],
+        OutcomeKind::Succeeded {
+            result: Some(result),
+        },
+        now,
+    )
+    .await;
     assert!(matches!(first, OutcomeResult::Applied(_)));
     assert!(store.pending_finishes(10).await.unwrap().is_empty());
 
@@ -361,10 +440,16 @@ pub async fn stale_lease_cannot_record_an_outcome<S: TestStore>(store: &S) {
 
     let mut forged = claimed.clone();
     forged.lease.owner = LeaseOwner::unique("intruder");
-    assert_eq!(record(store, &forged, success(), now).await, OutcomeResult::LeaseLost);
+    assert_eq!(
+        record(store, &forged, success(), now).await,
+        OutcomeResult::LeaseLost
+    );
 
     claimed.lease.attempt += 1;
-    assert_eq!(record(store, &claimed, success(), now).await, OutcomeResult::LeaseLost);
+    assert_eq!(
+        record(store, &claimed, success(), now).await,
+        OutcomeResult::LeaseLost
+    );
     assert_eq!(job(store, claimed.id).await.status, JobStatus::Processing);
     assert_counters_match(store, id).await;
 }
@@ -375,7 +460,10 @@ pub async fn retry_waits_for_its_run_at<S: TestStore>(store: &S) {
     let owner = LeaseOwner::unique("test");
     let first = claim(store, "noop", &owner, 1, now).await.remove(0);
     let later = now + Duration::seconds(2);
-    assert!(matches!(record(store, &first, retry_at(later), now).await, OutcomeResult::Applied(_)));
+    assert!(matches!(
+        record(store, &first, retry_at(later), now).await,
+        OutcomeResult::Applied(_)
+    ));
 
     let stored = job(store, first.id).await;
     assert_eq!(stored.status, JobStatus::Retrying);
@@ -467,7 +555,10 @@ pub async fn dead_job_is_listed_and_redriven<S: TestStore>(store: &S) {
     assert_eq!(changes.finished[0].status, BatchStatus::Failed);
     assert_eq!(changes.finished[0].generation, 0);
 
-    let dead_letters = store.list_dead(&Scope::Owner(alice()), DeadLetterFilter::default()).await.unwrap();
+    let dead_letters = store
+        .list_dead(&Scope::Owner(alice()), DeadLetterFilter::default())
+        .await
+        .unwrap();
     assert_eq!(dead_letters.items.len(), 1);
     let dead_job = &dead_letters.items[0];
     assert_eq!(dead_job.id, claimed[0].id);
@@ -476,7 +567,11 @@ pub async fn dead_job_is_listed_and_redriven<S: TestStore>(store: &S) {
     assert_eq!(dead_job.errors[0].kind, FailureKind::Permanent);
 
     let report = store
-        .redrive(&Scope::Admin, RedriveSelection::Jobs(vec![claimed[0].id]), now)
+        .redrive(
+            &Scope::Admin,
+            RedriveSelection::Jobs(vec![claimed[0].id]),
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(report.redriven, vec![claimed[0].id]);
@@ -496,10 +591,21 @@ pub async fn dead_job_is_listed_and_redriven<S: TestStore>(store: &S) {
         kind: success(),
     };
     let (_, changes) = store.record_outcomes(vec![outcome], now).await.unwrap();
-    assert_eq!(changes.finished.len(), 1, "the new generation finishes once");
+    assert_eq!(
+        changes.finished.len(),
+        1,
+        "the new generation finishes once"
+    );
     assert_eq!(changes.finished[0].status, BatchStatus::Completed);
     assert_eq!(changes.finished[0].generation, 1);
-    assert!(store.list_dead(&Scope::Admin, DeadLetterFilter::default()).await.unwrap().items.is_empty());
+    assert!(
+        store
+            .list_dead(&Scope::Admin, DeadLetterFilter::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 pub async fn retry_batch_requeues_dead_items<S: TestStore>(store: &S) {
@@ -509,9 +615,15 @@ pub async fn retry_batch_requeues_dead_items<S: TestStore>(store: &S) {
     for job in claim(store, "noop", &owner, 3, now).await {
         record(store, &job, dead(), now).await;
     }
-    assert_eq!(store.get_batch(&Scope::Admin, id).await.unwrap().status, BatchStatus::Failed);
+    assert_eq!(
+        store.get_batch(&Scope::Admin, id).await.unwrap().status,
+        BatchStatus::Failed
+    );
 
-    let (batch, report) = store.retry_batch(&Scope::Owner(alice()), id, now).await.unwrap();
+    let (batch, report) = store
+        .retry_batch(&Scope::Owner(alice()), id, now)
+        .await
+        .unwrap();
     assert_eq!(report.redriven.len(), 3);
     assert_eq!(batch.counters.failed, 0);
     assert_eq!(batch.status, BatchStatus::Processing);
@@ -527,7 +639,10 @@ pub async fn expired_lease_is_requeued_or_dead<S: TestStore>(store: &S) {
     let crashed = LeaseOwner::unique("crashed");
     let first = claim(store, "noop", &crashed, 1, now).await.remove(0);
 
-    let before_expiry = store.reap_expired_leases(now + Duration::seconds(29)).await.unwrap();
+    let before_expiry = store
+        .reap_expired_leases(now + Duration::seconds(29))
+        .await
+        .unwrap();
     assert_eq!(before_expiry.requeued, 0);
     let after_expiry = now + Duration::seconds(31);
     let reaped = store.reap_expired_leases(after_expiry).await.unwrap();
@@ -538,14 +653,25 @@ pub async fn expired_lease_is_requeued_or_dead<S: TestStore>(store: &S) {
     assert_eq!(stored.errors[0].kind, FailureKind::LeaseExpired);
 
     // The crashed worker comes back too late: its outcome is fenced off.
-    assert_eq!(record(store, &first, success(), after_expiry).await, OutcomeResult::LeaseLost);
+    assert_eq!(
+        record(store, &first, success(), after_expiry).await,
+        OutcomeResult::LeaseLost
+    );
 
     let other = LeaseOwner::unique("survivor");
-    let second = claim(store, "noop", &other, 1, after_expiry).await.remove(0);
+    let second = claim(store, "noop", &other, 1, after_expiry)
+        .await
+        .remove(0);
     assert_eq!(second.attempt, 2);
-    let reaped = store.reap_expired_leases(after_expiry + Duration::seconds(31)).await.unwrap();
+    let reaped = store
+        .reap_expired_leases(after_expiry + Duration::seconds(31))
+        .await
+        .unwrap();
     assert_eq!(reaped.dead, 1, "no attempts left after the second expiry");
-    assert_eq!(store.get_batch(&Scope::Admin, id).await.unwrap().status, BatchStatus::Failed);
+    assert_eq!(
+        store.get_batch(&Scope::Admin, id).await.unwrap().status,
+        BatchStatus::Failed
+    );
     assert_counters_match(store, id).await;
 }
 
@@ -558,7 +684,10 @@ pub async fn heartbeat_extends_and_reports_lost_leases<S: TestStore>(store: &S) 
 
     let extended = now + Duration::seconds(60);
     assert!(store.heartbeat(&leases, extended).await.unwrap().is_empty());
-    let reaped = store.reap_expired_leases(now + Duration::seconds(45)).await.unwrap();
+    let reaped = store
+        .reap_expired_leases(now + Duration::seconds(45))
+        .await
+        .unwrap();
     assert_eq!(reaped.requeued, 0, "extended leases do not expire");
 
     record(store, &claimed[0], success(), now).await;
@@ -572,7 +701,10 @@ pub async fn cancel_batch_cancels_waiting_and_flags_running<S: TestStore>(store:
     let owner = LeaseOwner::unique("test");
     let running = claim(store, "noop", &owner, 2, now).await;
 
-    let (batch, changes) = store.cancel_batch(&Scope::Owner(alice()), id, "user asked", now).await.unwrap();
+    let (batch, changes) = store
+        .cancel_batch(&Scope::Owner(alice()), id, "user asked", now)
+        .await
+        .unwrap();
     assert!(batch.cancel_requested);
     assert_eq!(batch.counters.cancelled, 2);
     assert_eq!(batch.status, BatchStatus::Processing);
@@ -597,7 +729,10 @@ pub async fn cancel_batch_cancels_waiting_and_flags_running<S: TestStore>(store:
     assert_counters_match(store, id).await;
 
     let again = store.cancel_batch(&Scope::Admin, id, "twice", now).await;
-    assert!(matches!(again, Err(StoreError::IllegalState { .. })), "{again:?}");
+    assert!(
+        matches!(again, Err(StoreError::IllegalState { .. })),
+        "{again:?}"
+    );
 }
 
 pub async fn item_dependency_chain_runs_in_order<S: TestStore>(store: &S) {
@@ -623,15 +758,23 @@ pub async fn item_dependency_chain_runs_in_order<S: TestStore>(store: &S) {
             assert_eq!(changes.runnable_kinds, vec!["noop".to_string()]);
         }
     }
-    let batch = store.get_batch(&Scope::Admin, created.batch.id).await.unwrap();
+    let batch = store
+        .get_batch(&Scope::Admin, created.batch.id)
+        .await
+        .unwrap();
     assert_eq!(batch.status, BatchStatus::Completed);
 
     let forward = {
         let mut bad = items(2);
         bad[0].depends_on = vec![DependencyRef::Item(1)];
-        store.create_batch(NewBatch::new(alice(), "noop"), bad, now).await
+        store
+            .create_batch(NewBatch::new(alice(), "noop"), bad, now)
+            .await
     };
-    assert!(matches!(forward, Err(StoreError::Invalid { .. })), "{forward:?}");
+    assert!(
+        matches!(forward, Err(StoreError::Invalid { .. })),
+        "{forward:?}"
+    );
 }
 
 pub async fn dead_dependency_cancels_dependents<S: TestStore>(store: &S) {
@@ -660,7 +803,13 @@ pub async fn dead_dependency_cancels_dependents<S: TestStore>(store: &S) {
     assert_eq!(changes.finished[0].status, BatchStatus::Failed);
 
     let jobs = all_items(store, created.batch.id).await;
-    assert!(jobs[1].last_error.as_deref().unwrap().contains(&first.id.to_string()));
+    assert!(
+        jobs[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains(&first.id.to_string())
+    );
     assert_counters_match(store, created.batch.id).await;
 
     // A new job that depends on the dead one is cancelled on arrival.
@@ -691,7 +840,10 @@ pub async fn batch_dependency_waits_for_completion<S: TestStore>(store: &S) {
     };
     let (_, changes) = store.record_outcomes(vec![outcome], now).await.unwrap();
     assert!(changes.runnable_kinds.contains(&"second".to_string()));
-    assert_eq!(claim(store, "second", &owner, 2_000, now).await.len(), 1_200);
+    assert_eq!(
+        claim(store, "second", &owner, 2_000, now).await.len(),
+        1_200
+    );
     assert_counters_match(store, second).await;
 
     let unknown = {
@@ -699,7 +851,10 @@ pub async fn batch_dependency_waits_for_completion<S: TestStore>(store: &S) {
         orphan.depends_on = vec![BatchId::new()];
         store.create_batch(orphan, items(1), now).await
     };
-    assert!(matches!(unknown, Err(StoreError::DependencyNotFound { .. })), "{unknown:?}");
+    assert!(
+        matches!(unknown, Err(StoreError::DependencyNotFound { .. })),
+        "{unknown:?}"
+    );
 }
 
 pub async fn failed_batch_dependency_cancels_dependent_batch<S: TestStore>(store: &S) {
@@ -718,7 +873,11 @@ pub async fn failed_batch_dependency_cancels_dependent_batch<S: TestStore>(store
         kind: dead(),
     };
     let (_, changes) = store.record_outcomes(vec![outcome], now).await.unwrap();
-    let finished: Vec<(BatchId, BatchStatus)> = changes.finished.iter().map(|f| (f.batch_id, f.status)).collect();
+    let finished: Vec<(BatchId, BatchStatus)> = changes
+        .finished
+        .iter()
+        .map(|f| (f.batch_id, f.status))
+        .collect();
     assert!(finished.contains(&(first, BatchStatus::Failed)));
     assert!(finished.contains(&(second, BatchStatus::Cancelled)));
     assert_counters_match(store, second).await;
@@ -737,7 +896,10 @@ pub async fn scheduled_batch_waits_for_run_at<S: TestStore>(store: &S) {
     let id = create(store, new, 2, now).await;
 
     let jobs = all_items(store, id).await;
-    assert!(jobs.iter().all(|j| j.status == JobStatus::Scheduled && j.run_at == run_at));
+    assert!(
+        jobs.iter()
+            .all(|j| j.status == JobStatus::Scheduled && j.run_at == run_at)
+    );
     let owner = LeaseOwner::unique("test");
     assert!(claim(store, "noop", &owner, 10, now).await.is_empty());
     assert_eq!(store.promote_due(now).await.unwrap().next_due, Some(run_at));
@@ -770,8 +932,14 @@ pub async fn prune_removes_only_old_finished_batches<S: TestStore>(store: &S) {
     assert_eq!(report.batches, 1);
     assert_eq!(report.jobs, 2);
     assert!(store.get_batch(&Scope::Admin, old).await.is_err());
-    assert!(store.get_batch(&Scope::Admin, failed).await.is_ok(), "failed batches are kept longer");
-    assert!(store.get_batch(&Scope::Admin, open).await.is_ok(), "unfinished batches are never pruned");
+    assert!(
+        store.get_batch(&Scope::Admin, failed).await.is_ok(),
+        "failed batches are kept longer"
+    );
+    assert!(
+        store.get_batch(&Scope::Admin, open).await.is_ok(),
+        "unfinished batches are never pruned"
+    );
 
     let report = store
         .prune(PruneRequest {
@@ -782,7 +950,14 @@ pub async fn prune_removes_only_old_finished_batches<S: TestStore>(store: &S) {
         .await
         .unwrap();
     assert_eq!(report.batches, 1);
-    assert!(store.list_dead(&Scope::Admin, DeadLetterFilter::default()).await.unwrap().items.is_empty());
+    assert!(
+        store
+            .list_dead(&Scope::Admin, DeadLetterFilter::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 pub async fn other_owner_sees_nothing<S: TestStore>(store: &S) {
@@ -798,12 +973,31 @@ pub async fn other_owner_sees_nothing<S: TestStore>(store: &S) {
     }
     assert!(not_found(store.get_batch(&mallory, id).await));
     assert!(not_found(store.get_job(&mallory, job.id).await));
-    assert!(not_found(store.list_items(&mallory, id, ItemFilter::default()).await));
+    assert!(not_found(
+        store.list_items(&mallory, id, ItemFilter::default()).await
+    ));
     assert!(not_found(store.cancel_batch(&mallory, id, "no", now).await));
     assert!(not_found(store.retry_batch(&mallory, id, now).await));
-    assert!(store.list_batches(&mallory, BatchFilter::default()).await.unwrap().items.is_empty());
-    assert!(store.list_dead(&mallory, DeadLetterFilter::default()).await.unwrap().items.is_empty());
-    let report = store.redrive(&mallory, RedriveSelection::Jobs(vec![job.id]), now).await.unwrap();
+    assert!(
+        store
+            .list_batches(&mallory, BatchFilter::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_dead(&mallory, DeadLetterFilter::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let report = store
+        .redrive(&mallory, RedriveSelection::Jobs(vec![job.id]), now)
+        .await
+        .unwrap();
     assert!(report.redriven.is_empty());
     assert_eq!(job_status(store, job.id).await, JobStatus::Dead);
 }
@@ -822,33 +1016,77 @@ pub async fn listings_paginate_with_cursors<S: TestStore>(store: &S) {
 
     let scope = Scope::Owner(alice());
     let first = store
-        .list_batches(&scope, BatchFilter { limit: 2, ..Default::default() })
+        .list_batches(
+            &scope,
+            BatchFilter {
+                limit: 2,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(first.items.iter().map(|b| b.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+    assert_eq!(
+        first.items.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[3]]
+    );
     let cursor = first.next_cursor.unwrap().parse().unwrap();
     let second = store
-        .list_batches(&scope, BatchFilter { limit: 10, cursor: Some(cursor), ..Default::default() })
+        .list_batches(
+            &scope,
+            BatchFilter {
+                limit: 10,
+                cursor: Some(cursor),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(second.items.iter().map(|b| b.id).collect::<Vec<_>>(), vec![ids[2], ids[1], ids[0]]);
+    assert_eq!(
+        second.items.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1], ids[0]]
+    );
     assert!(second.next_cursor.is_none());
 
     let by_status = store
-        .list_batches(&scope, BatchFilter { status: Some(BatchStatus::Completed), ..Default::default() })
+        .list_batches(
+            &scope,
+            BatchFilter {
+                status: Some(BatchStatus::Completed),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert!(by_status.items.is_empty());
 
     let id = create(store, batch("noop"), 5, now).await;
     let page = store
-        .list_items(&scope, id, ItemFilter { status: None, cursor: Some(1), limit: 2 })
+        .list_items(
+            &scope,
+            id,
+            ItemFilter {
+                status: None,
+                cursor: Some(1),
+                limit: 2,
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(page.items.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(
+        page.items.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
     assert_eq!(page.next_cursor.as_deref(), Some("3"));
     let queued = store
-        .list_items(&scope, id, ItemFilter { status: Some(JobStatus::Queued), cursor: None, limit: 10 })
+        .list_items(
+            &scope,
+            id,
+            ItemFilter {
+                status: Some(JobStatus::Queued),
+                cursor: None,
+                limit: 10,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(queued.items.len(), 5);
@@ -898,7 +1136,10 @@ pub async fn progress_is_stored_for_the_lease_holder<S: TestStore>(store: &S) {
     let mut stale = claimed.lease.clone();
     stale.owner = LeaseOwner::unique("other");
     store
-        .record_progress(vec![domain::ProgressUpdate { lease: stale, progress: 90 }])
+        .record_progress(vec![domain::ProgressUpdate {
+            lease: stale,
+            progress: 90,
+        }])
         .await
         .unwrap();
     assert_eq!(job(store, claimed.id).await.progress, 40);

@@ -62,14 +62,20 @@ pub async fn submit(queue: &Queue, kind: &str, n: usize) -> BatchId {
 }
 
 /// Waits for the batch-finished event of `batch`, failing after `limit`.
-pub async fn wait_finished(events: &mut tokio::sync::broadcast::Receiver<QueueEvent>, batch: BatchId, limit: Duration) -> domain::BatchFinished {
+pub async fn wait_finished(
+    events: &mut tokio::sync::broadcast::Receiver<QueueEvent>,
+    batch: BatchId,
+    limit: Duration,
+) -> domain::BatchFinished {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let event = tokio::time::timeout_at(deadline, events.recv())
             .await
             .unwrap_or_else(|_| panic!("batch {batch} did not finish within {limit:?}"));
         match event {
-            Ok(QueueEvent::BatchFinished(finished)) if finished.batch_id == batch => return finished,
+            Ok(QueueEvent::BatchFinished(finished)) if finished.batch_id == batch => {
+                return finished;
+            }
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(error) => panic!("event channel closed: {error}"),
@@ -78,13 +84,24 @@ pub async fn wait_finished(events: &mut tokio::sync::broadcast::Receiver<QueueEv
 }
 
 /// Counts a batch's items per status.
-pub async fn statuses(queue: &Queue, batch: BatchId) -> std::collections::HashMap<JobStatus, usize> {
+pub async fn statuses(
+    queue: &Queue,
+    batch: BatchId,
+) -> std::collections::HashMap<JobStatus, usize> {
     let mut counts = std::collections::HashMap::new();
     let mut cursor = None;
     loop {
         let page = queue
             .store()
-            .list_items(&Scope::Admin, batch, domain::ItemFilter { status: None, cursor, limit: 1_000 })
+            .list_items(
+                &Scope::Admin,
+                batch,
+                domain::ItemFilter {
+                    status: None,
+                    cursor,
+                    limit: 1_000,
+                },
+            )
             .await
             .unwrap();
         for job in &page.items {
