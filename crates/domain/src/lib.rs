@@ -29,6 +29,7 @@ mod attempt;
 mod batch;
 mod clock;
 mod error;
+mod flags;
 mod ids;
 mod job;
 mod store;
@@ -37,6 +38,12 @@ pub use attempt::{AttemptRecord, FailureKind, MAX_ATTEMPT_HISTORY};
 pub use batch::{Batch, BatchCounters, BatchStatus, BatchSummary, NewBatch};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, TransitionError};
+pub use flags::{
+    AuditFilter, DEFAULT_AUDIT_PAGE, FeatureFlag, FlagAction, FlagAuditEntry, FlagChange,
+    FlagListing, FlagName, FlagPatch, FlagStore, FlagStoreError, FlagValidationError,
+    MAX_AUDIT_PAGE, MAX_FLAG_LIST_LEN, MAX_FLAG_METADATA_BYTES, MAX_FLAG_NAME_LEN,
+    MAX_FLAG_USER_ID_LEN, NewFlag, Rollout, UserListKind, check_flag_version, validate_actor,
+};
 pub use ids::{BatchId, JobId, LeaseOwner, UserId};
 pub use job::{ClaimedJob, Job, JobEvent, JobStatus, LeaseRef, NewJob};
 pub use store::{

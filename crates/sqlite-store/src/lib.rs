@@ -33,6 +33,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
 mod admin;
+mod flags;
 mod hot;
 mod mutate;
 mod read;
