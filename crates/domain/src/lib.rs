@@ -32,6 +32,7 @@ mod error;
 mod flags;
 mod ids;
 mod job;
+mod ratelimit;
 mod store;
 
 pub use attempt::{AttemptRecord, FailureKind, MAX_ATTEMPT_HISTORY};
@@ -46,6 +47,7 @@ pub use flags::{
 };
 pub use ids::{BatchId, JobId, LeaseOwner, UserId};
 pub use job::{ClaimedJob, Job, JobEvent, JobStatus, LeaseRef, NewJob};
+pub use ratelimit::{GcraOutcome, GcraParams, GcraRequest, RateLimitStore};
 pub use store::{
     AdminStore, AppliedOutcome, AttemptOutcome, BatchFilter, BatchFinished, BatchProgress,
     BeginOutcome, ChangeSet, ClaimRequest, CreatedBatch, DeadLetterFilter, DependencyRef,

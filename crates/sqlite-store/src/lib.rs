@@ -36,6 +36,7 @@ mod admin;
 mod flags;
 mod hot;
 mod mutate;
+mod ratelimit;
 mod read;
 mod sql;
 mod writer;
