@@ -1,6 +1,205 @@
-//! The batchd binary.
+//! The batchd binary: `serve` runs the HTTP API and the workers, `token`
+//! mints a bearer token, and `demo` runs a real batch end to end on a
+//! temporary embedded database.
 
-#[allow(dead_code, reason = "the server wiring that uses the handlers comes next")]
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod api;
+mod app;
+mod auth;
+mod config;
+mod correlation;
+mod demo;
+mod error;
 mod handlers;
 
-fn main() {}
+use config::{Config, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "batchd",
+    version,
+    about = "Durable batch jobs: submit N items, get N jobs that survive restarts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API and the workers until SIGINT or SIGTERM.
+    Serve(ServerArgs),
+    /// Print a bearer token signed with the configured secret.
+    Token(TokenArgs),
+    /// Run a real batch end to end on a temporary embedded database: a
+    /// loopback document server, a fetch batch over HTTP, live progress,
+    /// and the result.
+    Demo(DemoArgs),
+}
+
+/// Settings shared by every command that reads the configuration.
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// TOML configuration file; flags and BATCHD_* variables override it.
+    #[arg(long, env = "BATCHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, as host:port.
+    #[arg(long, env = "BATCHD_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// SQLite database file (relative paths are under the data directory).
+    #[arg(long, env = "BATCHD_DATABASE", value_name = "PATH")]
+    database: Option<String>,
+    /// Directory for the database and downloaded documents.
+    #[arg(long, env = "BATCHD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory for log files; without it, logs go to standard error only.
+    #[arg(long, env = "BATCHD_LOG_DIR", value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// HS256 secret for bearer tokens, at least 32 bytes.
+    #[arg(
+        long,
+        env = "BATCHD_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// Development mode: without a configured secret, use a public one.
+    /// Never use this in production.
+    #[arg(long)]
+    dev: bool,
+}
+
+impl ServerArgs {
+    fn load(self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            listen: self.listen,
+            database: self.database,
+            data_dir: self.data_dir,
+            log_dir: self.log_dir,
+            jwt_secret: self.jwt_secret,
+            dev_mode: self.dev,
+        };
+        Config::load(self.config.as_deref(), overrides)
+    }
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// User id to put in the token's `sub` claim.
+    #[arg(long, value_name = "ID")]
+    user: String,
+    /// Give the token the admin role.
+    #[arg(long)]
+    admin: bool,
+    /// Lifetime of the token, in seconds.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    ttl: u64,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Number of documents in the demo batch.
+    #[arg(long, default_value_t = 200, value_name = "COUNT")]
+    items: u32,
+    /// Keep the temporary data directory and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn init_logging(default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let json = std::env::var("BATCHD_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<()> {
+    let config = args.load()?;
+    let running = app::start(config).await?;
+    // Scripts and tests read the bound address from this line, which
+    // matters when the configured port is 0.
+    println!("batchd listening on http://{}", running.addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new requests; running jobs get the grace period");
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let config = args.server.load()?;
+    let secret = config.signing_secret()?;
+    let token = auth::Auth::new(&secret).mint(&args.user, args.admin, args.ttl)?;
+    println!("{token}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging("info");
+            runtime.block_on(serve(args))
+        }
+        Command::Token(args) => token(args),
+        Command::Demo(args) => {
+            init_logging("warn");
+            runtime.block_on(demo::run(args.items, args.keep))
+        }
+    };
+
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

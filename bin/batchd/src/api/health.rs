@@ -1,0 +1,42 @@
+//! Liveness and readiness.
+
+use actix_web::{HttpResponse, web};
+
+use super::AppState;
+use crate::error::ApiError;
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "the process is up", body = Object))
+)]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "the store answers and work can be accepted", body = Object),
+        (status = 503, description = "the store does not answer", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    match state.queue.store().kind_controls().await {
+        Ok(_) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
+        Err(error) => {
+            tracing::warn!(%error, "readiness check failed");
+            Err(ApiError::new(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                "NOT_READY",
+                "the store does not answer; retry shortly",
+            ))
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Wiring: the store, the queue with its handlers, feature flags and the
+//! HTTP server, started together and stopped in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::flags::{FlagConfig, FlagService};
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+use queue::{KindConfig, Queue, QueueBuilder, QueueConfig, Rate, RetentionConfig, RetryPolicy};
+use sqlite_store::{SqliteConfig, SqliteStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::auth::Auth;
+use crate::config::{Config, HandlerName, KindSettings};
+use crate::correlation::Correlation;
+use crate::handlers;
+
+/// A running server: its address and what is needed to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub queue: Queue,
+    server: ServerHandle,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: CancellationToken,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight requests finish, then shuts
+    /// the queue down gracefully.
+    pub async fn stop(self) {
+        self.server.stop(true).await;
+        if let Err(error) = self.serving.await {
+            tracing::warn!(%error, "HTTP server task ended abnormally");
+        }
+        let report = self.queue.shutdown().await;
+        self.background.cancel();
+        tracing::info!(released = report.released, "batchd stopped");
+    }
+}
+
+fn kind_config(settings: &KindSettings) -> KindConfig {
+    let per_minute = |max: u32| Rate {
+        max,
+        per: Duration::from_secs(60),
+        burst: None,
+    };
+    KindConfig {
+        concurrency: settings.concurrency,
+        timeout: settings.timeout(),
+        retry: RetryPolicy {
+            max_attempts: settings.max_attempts,
+            base: Duration::from_millis(settings.backoff_base_ms),
+            max_delay: Duration::from_secs(settings.backoff_max_seconds),
+            jitter: 0.1,
+        },
+        rate: settings.rate_per_minute.map(per_minute),
+        per_user_rate: settings.per_user_rate_per_minute.map(per_minute),
+    }
+}
+
+fn register(builder: QueueBuilder, config: &Config) -> anyhow::Result<QueueBuilder> {
+    let policy = handlers::AddressPolicy {
+        allow_loopback: config.outbound.allow_loopback,
+        allow_private: config.outbound.allow_private,
+    };
+    let mut builder = builder;
+    for (kind, settings) in &config.kinds {
+        let kind_config = kind_config(settings);
+        builder = match settings.handler {
+            HandlerName::Noop => builder.register(kind.clone(), handlers::NoopHandler, kind_config),
+            HandlerName::Sleep => {
+                builder.register(kind.clone(), handlers::SleepHandler::default(), kind_config)
+            }
+            HandlerName::Webhook => {
+                let url = settings
+                    .url
+                    .as_deref()
+                    .with_context(|| format!("config key kinds.{kind}.url is missing"))?;
+                let mut webhook = handlers::WebhookSettings::new(
+                    url::Url::parse(url)
+                        .with_context(|| format!("config key kinds.{kind}.url is invalid"))?,
+                    settings.secret.clone().unwrap_or_default(),
+                );
+                webhook.timeout = settings.timeout().min(Duration::from_secs(30));
+                webhook.policy = policy;
+                let handler = handlers::WebhookHandler::new(webhook)
+                    .with_context(|| format!("cannot build the webhook handler of kind {kind}"))?;
+                builder.register(kind.clone(), handler, kind_config)
+            }
+            HandlerName::Fetch => {
+                let mut fetch = handlers::FetchSettings::new(config.data_dir.clone());
+                if let Some(max_bytes) = settings.max_bytes {
+                    fetch.max_bytes = max_bytes;
+                }
+                if let Some(types) = &settings.content_types {
+                    fetch.allowed_content_types = types.clone();
+                }
+                if let Some(rate) = settings.per_host_per_second {
+                    fetch.per_host_rate.per_second = f64::from(rate);
+                }
+                fetch.timeout = settings.timeout().min(Duration::from_secs(120));
+                fetch.policy = policy;
+                let handler = handlers::FetchHandler::new(fetch)
+                    .with_context(|| format!("cannot build the fetch handler of kind {kind}"))?;
+                builder.register(kind.clone(), handler, kind_config)
+            }
+        };
+    }
+    Ok(builder)
+}
+
+/// Opens the store, starts the queue and flags, and binds the HTTP server.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let secret = config.signing_secret()?;
+    if config.jwt_secret.is_none() {
+        tracing::warn!(
+            "running in development mode with the public development secret: anyone can mint tokens for this server"
+        );
+    }
+    let database = config.database_path()?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+
+    let mut sqlite = SqliteConfig::new(&database);
+    sqlite.insert_chunk_rows = config.queue.insert_chunk_rows.max(1);
+    let store = Arc::new(
+        SqliteStore::open(sqlite)
+            .await
+            .with_context(|| format!("cannot open the database {}", database.display()))?,
+    );
+
+    let queue_config = QueueConfig {
+        lease_duration: Duration::from_secs(config.queue.lease_seconds.max(1)),
+        heartbeat_interval: Duration::from_millis(config.queue.lease_seconds.max(1) * 1000 / 3),
+        shutdown_grace: Duration::from_secs(config.queue.shutdown_grace_seconds),
+        retention: RetentionConfig {
+            completed: Duration::from_secs(config.queue.retention_completed_days * 86_400),
+            failed: Duration::from_secs(config.queue.retention_failed_days * 86_400),
+            ..RetentionConfig::default()
+        },
+        node_label: hostname(),
+        ..QueueConfig::default()
+    };
+    let queue = register(Queue::builder(store.clone()).config(queue_config), &config)?.build();
+    queue.start().await.context("cannot start the queue")?;
+
+    let background = CancellationToken::new();
+    let flags = FlagService::start(store.clone(), FlagConfig::default(), background.clone())
+        .await
+        .context("cannot load feature flags")?;
+
+    let config = Arc::new(config);
+    let state = web::Data::new(AppState {
+        queue: queue.clone(),
+        flags,
+        flag_store: store.clone(),
+        config: config.clone(),
+    });
+    let auth = web::Data::new(Auth::new(&secret));
+    let json_limit = config.limits.max_json_body_bytes;
+
+    let listen = config.listen_addr()?;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(auth.clone())
+            .app_data(api::json_config(json_limit))
+            .app_data(api::query_config())
+            .app_data(api::path_config())
+            .wrap(Correlation)
+            .configure(api::configure)
+            .default_service(web::to(api::not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(config.queue.shutdown_grace_seconds.max(1))
+    .bind(listen)
+    .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the server bound no address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let serving = tokio::spawn(server);
+
+    tracing::info!(%addr, database = %database.display(), kinds = ?queue.kinds(), "batchd listening");
+    Ok(Running {
+        addr,
+        queue,
+        server: handle,
+        serving,
+        background,
+    })
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "batchd".to_owned())
+}
