@@ -161,7 +161,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     queue.start().await.context("cannot start the queue")?;
 
     let background = CancellationToken::new();
-    let flags = FlagService::start(store.clone(), FlagConfig::default(), background.clone())
+    let flag_config = FlagConfig {
+        refresh_interval: Duration::from_millis(config.flags.refresh_interval_ms),
+        unknown_flag_default: config.flags.unknown_flag_default,
+        ..FlagConfig::default()
+    };
+    let flags = FlagService::start(store.clone(), flag_config, background.clone())
         .await
         .context("cannot load feature flags")?;
 

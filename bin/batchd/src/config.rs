@@ -36,6 +36,7 @@ pub struct Config {
     pub limits: Limits,
     pub queue: QueueSettings,
     pub outbound: Outbound,
+    pub flags: FlagSettings,
     /// Job kinds and the handler each runs.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -65,6 +66,7 @@ impl Default for Config {
             limits: Limits::default(),
             queue: QueueSettings::default(),
             outbound: Outbound::default(),
+            flags: FlagSettings::default(),
             kinds,
         }
     }
@@ -134,6 +136,26 @@ pub struct Outbound {
     pub allow_loopback: bool,
     /// Allow private ranges (10/8, 172.16/12, 192.168/16, fc00::/7).
     pub allow_private: bool,
+}
+
+/// Feature-flag settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagSettings {
+    /// How often changes made by other processes are picked up, in
+    /// milliseconds.
+    pub refresh_interval_ms: u64,
+    /// Answer for a flag name that does not exist.
+    pub unknown_flag_default: bool,
+}
+
+impl Default for FlagSettings {
+    fn default() -> Self {
+        Self {
+            refresh_interval_ms: 2_000,
+            unknown_flag_default: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -305,6 +327,9 @@ impl Config {
                     "config key kinds.{name}: a rate of 0 per minute would never run a job; remove it instead"
                 );
             }
+        }
+        if self.flags.refresh_interval_ms == 0 {
+            bail!("config key flags.refresh_interval_ms: must be at least 1");
         }
         if self.limits.max_items_per_batch == 0 {
             bail!("config key limits.max_items_per_batch: must be at least 1");
