@@ -9,6 +9,7 @@ use ::flags::{FlagConfig, FlagService};
 use actix_web::dev::ServerHandle;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
+use domain::SystemClock;
 use queue::{KindConfig, Queue, QueueBuilder, QueueConfig, Rate, RetentionConfig, RetryPolicy};
 use sqlite_store::{SqliteConfig, SqliteStore};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,7 @@ use crate::auth::Auth;
 use crate::config::{Config, HandlerName, KindSettings};
 use crate::correlation::Correlation;
 use crate::handlers;
+use crate::limits::{Limits, RateLimit};
 
 /// A running server: its address and what is needed to stop it.
 pub struct Running {
@@ -70,14 +72,23 @@ fn kind_config(settings: &KindSettings) -> KindConfig {
     }
 }
 
-fn register(builder: QueueBuilder, config: &Config) -> anyhow::Result<QueueBuilder> {
+fn register(
+    builder: QueueBuilder,
+    config: &Config,
+    item_pace: Option<Rate>,
+) -> anyhow::Result<QueueBuilder> {
     let policy = handlers::AddressPolicy {
         allow_loopback: config.outbound.allow_loopback,
         allow_private: config.outbound.allow_private,
     };
     let mut builder = builder;
     for (kind, settings) in &config.kinds {
-        let kind_config = kind_config(settings);
+        let mut kind_config = kind_config(settings);
+        // In pace mode every kind runs one owner's items no faster than
+        // the item budget, unless the kind sets its own per-user rate.
+        if kind_config.per_user_rate.is_none() {
+            kind_config.per_user_rate = item_pace;
+        }
         builder = match settings.handler {
             HandlerName::Noop => builder.register(kind.clone(), handlers::NoopHandler, kind_config),
             HandlerName::Sleep => {
@@ -157,7 +168,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         node_label: hostname(),
         ..QueueConfig::default()
     };
-    let queue = register(Queue::builder(store.clone()).config(queue_config), &config)?.build();
+    let limits = Limits::build(&config.rate_limits, store.clone(), Arc::new(SystemClock))?;
+    let queue = register(
+        Queue::builder(store.clone()).config(queue_config),
+        &config,
+        limits.item_pace(),
+    )?
+    .build();
     queue.start().await.context("cannot start the queue")?;
 
     let background = CancellationToken::new();
@@ -176,7 +193,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         flags,
         flag_store: store.clone(),
         config: config.clone(),
+        limits: limits.clone(),
     });
+    let limits = web::Data::new(limits);
     let auth = web::Data::new(Auth::new(&secret));
     let json_limit = config.limits.max_json_body_bytes;
 
@@ -188,9 +207,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         App::new()
             .app_data(state.clone())
             .app_data(auth.clone())
+            .app_data(limits.clone())
             .app_data(api::json_config(json_limit))
             .app_data(api::query_config())
             .app_data(api::path_config())
+            .wrap(RateLimit)
             .wrap(Correlation)
             .configure(api::configure)
             .default_service(web::to(api::not_found))

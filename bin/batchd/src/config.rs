@@ -37,6 +37,7 @@ pub struct Config {
     pub queue: QueueSettings,
     pub outbound: Outbound,
     pub flags: FlagSettings,
+    pub rate_limits: crate::limits::RateLimitSettings,
     /// Job kinds and the handler each runs.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -67,6 +68,7 @@ impl Default for Config {
             queue: QueueSettings::default(),
             outbound: Outbound::default(),
             flags: FlagSettings::default(),
+            rate_limits: crate::limits::RateLimitSettings::default(),
             kinds,
         }
     }

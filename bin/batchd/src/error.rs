@@ -19,6 +19,10 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The rate-limit policy that rejected the request, if one did.
+    pub policy: Option<String>,
+    /// Seconds to wait before retrying, sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 /// The JSON body of every error response.
@@ -29,6 +33,9 @@ pub struct ErrorBody {
     pub code: String,
     pub message: String,
     pub correlation_id: String,
+    /// The rate-limit policy that rejected the request (429 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 impl ApiError {
@@ -37,7 +44,19 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            policy: None,
+            retry_after: None,
         }
+    }
+
+    pub fn with_policy(mut self, policy: &str) -> Self {
+        self.policy = Some(policy.to_owned());
+        self
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -90,10 +109,14 @@ impl ResponseError for ApiError {
             code: self.code.to_owned(),
             message: self.message.clone(),
             correlation_id: correlation::current().unwrap_or_default(),
+            policy: self.policy.clone(),
         };
         let mut response = HttpResponse::build(self.status);
         if self.status == StatusCode::UNAUTHORIZED {
             response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response.insert_header(("Retry-After", seconds.to_string()));
         }
         response.json(body)
     }

@@ -15,6 +15,7 @@ mod correlation;
 mod demo;
 mod error;
 mod handlers;
+mod limits;
 
 use config::{Config, Overrides};
 

@@ -261,7 +261,9 @@ pub async fn create(
     }
     batch.depends_on = parsed.depends_on.unwrap_or_default();
 
-    state.consume_item_budget(&user, parsed.items.len() as u64)?;
+    state
+        .consume_item_budget(&user, parsed.items.len() as u64)
+        .await?;
     let items: Vec<NewJob> = parsed.items.into_iter().map(NewJob::new).collect();
     let created = state.queue.create_batch(batch, items).await?;
     Ok(created_response(&created.batch, created.created))
@@ -418,7 +420,7 @@ async fn stream_items(
 
         if pending.len() >= chunk_rows {
             let part = std::mem::replace(&mut pending, Vec::with_capacity(chunk_rows));
-            state.consume_item_budget(user, part.len() as u64)?;
+            state.consume_item_budget(user, part.len() as u64).await?;
             state.queue.append_items(&mut staging, part).await?;
         }
     }
@@ -426,7 +428,9 @@ async fn stream_items(
         take_line(&buffer, &mut pending)?;
     }
     if !pending.is_empty() {
-        state.consume_item_budget(user, pending.len() as u64)?;
+        state
+            .consume_item_budget(user, pending.len() as u64)
+            .await?;
         state.queue.append_items(&mut staging, pending).await?;
     }
     if staging.items_appended == 0 {

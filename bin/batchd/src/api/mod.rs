@@ -29,6 +29,7 @@ pub struct AppState {
     /// The flags' store, for listings that must not come from a snapshot.
     pub flag_store: Arc<dyn domain::FlagStore>,
     pub config: Arc<Config>,
+    pub limits: crate::limits::Limits,
 }
 
 impl std::fmt::Debug for AppState {
@@ -53,9 +54,10 @@ impl AppState {
         ))
     }
 
-    /// Charges `items` against the caller's item budget.
-    pub fn consume_item_budget(&self, _user: &AuthUser, _items: u64) -> Result<(), ApiError> {
-        Ok(())
+    /// Charges `items` against the caller's item budget (reject mode);
+    /// in pace mode the queue paces the items instead.
+    pub async fn consume_item_budget(&self, user: &AuthUser, items: u64) -> Result<(), ApiError> {
+        self.limits.charge_items(user.id.as_str(), items).await
     }
 }
 
