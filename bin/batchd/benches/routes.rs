@@ -31,7 +31,11 @@ impl Drop for Server {
 fn start(rate_limits: &str) -> Server {
     let dir = tempfile::tempdir().unwrap().keep();
     let config = dir.join("batchd.toml");
-    std::fs::write(&config, format!("[kinds.noop]\nhandler = \"noop\"\n\n[rate_limits]\n{rate_limits}\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[kinds.noop]\nhandler = \"noop\"\n\n[rate_limits]\n{rate_limits}\n"),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
@@ -46,7 +50,10 @@ fn start(rate_limits: &str) -> Server {
     let addr = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("batchd listening on http://").map(str::to_owned))
+        .find_map(|line| {
+            line.strip_prefix("batchd listening on http://")
+                .map(str::to_owned)
+        })
         .expect("batchd printed its address");
     Server { child, addr }
 }
@@ -90,10 +97,14 @@ async fn main() {
     if !std::env::args().any(|arg| arg == "--bench") {
         return;
     }
-    let requests: usize = std::env::var("BATCHD_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let requests: usize = std::env::var("BATCHD_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let token = token();
     let unlimited = start("disabled = true");
-    let limited = start("[rate_limits.policies.general]\nlimit = 60000\nperiod = \"1m\"\nburst = 60000\n");
+    let limited =
+        start("[rate_limits.policies.general]\nlimit = 60000\nperiod = \"1m\"\nburst = 60000\n");
 
     // Warm both up, then alternate so drift on the machine hits both.
     run(&unlimited, &token, 2_000).await;

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 mod api;
 mod app;
 mod auth;
+mod bench;
 mod config;
 mod correlation;
 mod demo;
@@ -40,6 +41,40 @@ enum Command {
     /// loopback document server, a fetch batch over HTTP, live progress,
     /// and the result.
     Demo(DemoArgs),
+    /// Run the benchmark protocol on fresh SQLite files and print the
+    /// results, as a table or as JSON.
+    Bench(BenchArgs),
+    /// Worker process of the crash benchmark; not for direct use.
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long)]
+        database: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Print the results as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Items per enqueue and drain run.
+    #[arg(long, default_value_t = 100_000, value_name = "COUNT")]
+    items: usize,
+    /// Offered load of the mixed run, in jobs per second.
+    #[arg(long, default_value_t = 200, value_name = "PER_SECOND")]
+    mixed_rate: u32,
+    /// Length of the mixed run, in seconds; 0 skips it.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    mixed_seconds: u64,
+    /// Jobs enqueued one at a time for the pickup latency run.
+    #[arg(long, default_value_t = 1_000, value_name = "COUNT")]
+    pickup_samples: usize,
+    /// Skip the 1,000,000-item NDJSON memory run.
+    #[arg(long)]
+    skip_million: bool,
+    /// Skip the crash-recovery run, which starts worker processes.
+    #[arg(long)]
+    skip_crash: bool,
 }
 
 /// Settings shared by every command that reads the configuration.
@@ -193,6 +228,23 @@ fn main() -> ExitCode {
         Command::Demo(args) => {
             init_logging("warn");
             runtime.block_on(demo::run(args.items, args.keep))
+        }
+        Command::Bench(args) => {
+            init_logging("error");
+            let options = bench::BenchOptions {
+                items: args.items,
+                json: args.json,
+                mixed_rate: args.mixed_rate,
+                mixed_seconds: args.mixed_seconds,
+                pickup_samples: args.pickup_samples,
+                million: !args.skip_million,
+                crash: !args.skip_crash,
+            };
+            runtime.block_on(bench::run(options))
+        }
+        Command::BenchWorker { database } => {
+            init_logging("error");
+            runtime.block_on(bench::worker(database))
         }
     };
 
