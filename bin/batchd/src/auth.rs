@@ -101,7 +101,7 @@ pub struct AuthUser {
 }
 
 impl AuthUser {
-    /// What the caller may see: their own data, or everything for an admin
+    /// Returns what the caller may see: their own data, or everything for an admin
     /// on admin routes.
     pub fn own_scope(&self) -> Scope {
         Scope::Owner(self.id.clone())

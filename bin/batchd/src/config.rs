@@ -84,7 +84,7 @@ pub struct Limits {
     pub max_ndjson_body_bytes: u64,
     /// Largest single item (one JSON value), in bytes.
     pub max_item_bytes: usize,
-    /// Most items in one batch.
+    /// Maximum number of items in one batch.
     pub max_items_per_batch: u64,
     /// Largest page a listing returns.
     pub max_page_size: u32,
@@ -130,7 +130,7 @@ impl Default for QueueSettings {
     }
 }
 
-/// What outbound handlers (`fetch`, `webhook`) may connect to.
+/// Addresses the outbound handlers (`fetch`, `webhook`) may connect to.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Outbound {
@@ -147,7 +147,7 @@ pub struct FlagSettings {
     /// How often changes made by other processes are picked up, in
     /// milliseconds.
     pub refresh_interval_ms: u64,
-    /// Answer for a flag name that does not exist.
+    /// Result for a flag name that does not exist.
     pub unknown_flag_default: bool,
 }
 
@@ -186,7 +186,7 @@ pub struct KindSettings {
     /// First retry delay in milliseconds; each retry doubles it.
     #[serde(default = "default_backoff_ms")]
     pub backoff_base_ms: u64,
-    /// Longest retry delay, in seconds.
+    /// Maximum retry delay, in seconds.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_seconds: u64,
     /// Most attempts started per minute across the kind.
@@ -356,7 +356,7 @@ impl Config {
         })
     }
 
-    /// The SQLite file: `database` if set (relative to `data_dir`), else
+    /// Returns the SQLite file: `database` if set (relative to `data_dir`), else
     /// `data_dir/batchd.db`.
     pub fn database_path(&self) -> anyhow::Result<PathBuf> {
         match self.database.as_deref() {
@@ -377,7 +377,7 @@ impl Config {
         }
     }
 
-    /// The secret that signs and checks tokens. Without one, only a
+    /// Returns the secret that signs and checks tokens. Without one, only a
     /// development server may run, with the public development secret.
     pub fn signing_secret(&self) -> anyhow::Result<String> {
         match (&self.jwt_secret, self.dev_mode) {

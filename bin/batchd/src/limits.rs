@@ -38,7 +38,7 @@ pub const ITEMS_POLICY: &str = "batch_items";
 /// Paths never limited: probes and scrapes must not be throttled.
 const EXEMPT: [&str; 4] = ["/health", "/ready", "/metrics", "/openapi.json"];
 
-/// Where limiter state lives.
+/// Storage of the limiter state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -49,7 +49,7 @@ pub enum Backend {
     Store,
 }
 
-/// What happens to a batch larger than the caller's item budget.
+/// Handling of a batch larger than the caller's item budget.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemBudget {
@@ -176,7 +176,8 @@ impl Limits {
         })
     }
 
-    /// The client's key: `user:<id>` with a valid token, else its address.
+    /// Derives the client's key: `user:<id>` with a valid token, else its
+    /// address.
     fn key(&self, request: &ServiceRequest, user: Option<&str>) -> String {
         let peer = request
             .peer_addr()
@@ -231,8 +232,8 @@ impl Limits {
         .with_retry_after(retry))
     }
 
-    /// The rate at which pace mode runs one owner's items, from the
-    /// `batch_items` policy.
+    /// Returns the rate at which pace mode runs one owner's items, taken
+    /// from the `batch_items` policy.
     pub fn item_pace(&self) -> Option<queue::Rate> {
         if self.disabled || self.item_budget != ItemBudget::Pace {
             return None;
@@ -335,9 +336,9 @@ where
                     .map(ServiceResponse::map_into_left_body);
             };
 
-            // A request with a valid token is counted against its user; any
-            // other against its address, so invalid tokens cannot spread
-            // one client over many keys.
+            // A request with a valid token is counted against its user. Any
+            // other request is counted against its address, so invalid
+            // tokens cannot spread one client over many keys.
             let user = request
                 .app_data::<web::Data<Auth>>()
                 .and_then(|auth| bearer_user(&request, auth));

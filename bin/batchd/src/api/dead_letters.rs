@@ -68,7 +68,7 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(page))
 }
 
-/// Which dead jobs to re-drive: named ids, or everything matching a filter.
+/// Selection of dead jobs to re-drive: named ids, or everything matching a filter.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedriveRequest {

@@ -243,7 +243,7 @@ pub struct EvaluateQuery {
     path = "/api/admin/flags/{name}/evaluate",
     tag = "feature flags",
     params(("name" = String, Path, description = "flag name"), EvaluateQuery),
-    responses((status = 200, description = "the answer for this user and why: {enabled, reason, bucket}", body = Object)),
+    responses((status = 200, description = "the result for this user and its reason: {enabled, reason, bucket}", body = Object)),
     security(("bearer" = []))
 )]
 pub async fn evaluate(

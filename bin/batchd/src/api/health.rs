@@ -23,8 +23,8 @@ pub async fn health() -> HttpResponse {
     path = "/ready",
     tag = "operations",
     responses(
-        (status = 200, description = "the store answers and work can be accepted", body = Object),
-        (status = 503, description = "the store does not answer", body = crate::error::ErrorBody),
+        (status = 200, description = "the store responds and work can be accepted", body = Object),
+        (status = 503, description = "the store does not respond", body = crate::error::ErrorBody),
     )
 )]
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -165,7 +165,7 @@ async fn method_not_allowed(request: HttpRequest) -> Result<HttpResponse, ApiErr
     ))
 }
 
-/// Answers requests that match no route.
+/// Returns the error for requests that match no route.
 pub async fn not_found(request: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(
         "ROUTE_NOT_FOUND",
