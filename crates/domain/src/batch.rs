@@ -64,7 +64,16 @@ impl FromStr for BatchStatus {
         BatchStatus::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| format!("unknown batch status {s:?}"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = BatchStatus::ALL
+                    .iter()
+                    .map(|status| status.as_str())
+                    .collect();
+                format!(
+                    "unknown batch status {s:?}; use one of: {}",
+                    known.join(", ")
+                )
+            })
     }
 }
 

@@ -131,7 +131,13 @@ impl FromStr for JobStatus {
         JobStatus::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| format!("unknown job status {s:?}"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = JobStatus::ALL
+                    .iter()
+                    .map(|status| status.as_str())
+                    .collect();
+                format!("unknown job status {s:?}; use one of: {}", known.join(", "))
+            })
     }
 }
 

@@ -74,6 +74,8 @@ pub struct SqliteConfig {
     pub max_group_ops: usize,
     /// How often the background thread checkpoints the WAL.
     pub checkpoint_interval: Duration,
+    /// WAL size past which the writer truncates it between two groups.
+    pub max_wal_bytes: u64,
 }
 
 impl SqliteConfig {
@@ -87,6 +89,7 @@ impl SqliteConfig {
             release_chunk_rows: 5_000,
             max_group_ops: 1_024,
             checkpoint_interval: Duration::from_millis(500),
+            max_wal_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -147,6 +150,7 @@ struct Inner {
     pool: r2d2::Pool<SqliteConnectionManager>,
     config: SqliteConfig,
     checkpointer_stop: Arc<AtomicBool>,
+    truncate_wal: Arc<AtomicBool>,
 }
 
 impl Drop for Inner {
@@ -170,10 +174,17 @@ impl SqliteStore {
         let mut conn = open_connection(&path, &config, false)?;
         migrate(&mut conn, &path)?;
 
-        let writer = Writer::spawn(conn, config.max_group_ops).map_err(OpenError::Thread)?;
+        let truncate_wal = Arc::new(AtomicBool::new(false));
+        let writer = Writer::spawn(conn, config.max_group_ops, truncate_wal.clone())
+            .map_err(OpenError::Thread)?;
         let pool = read_pool(&path, &config)?;
         let checkpointer_stop = Arc::new(AtomicBool::new(false));
-        spawn_checkpointer(&path, &config, checkpointer_stop.clone())?;
+        spawn_checkpointer(
+            &path,
+            &config,
+            checkpointer_stop.clone(),
+            truncate_wal.clone(),
+        )?;
 
         let store = Self {
             inner: Arc::new(Inner {
@@ -181,6 +192,7 @@ impl SqliteStore {
                 pool,
                 config,
                 checkpointer_stop,
+                truncate_wal,
             }),
         };
         store
@@ -188,6 +200,24 @@ impl SqliteStore {
             .await
             .map_err(|source| OpenError::Recover { path, source })?;
         Ok(store)
+    }
+
+    /// Copies the WAL into the database file and truncates it, after the
+    /// writes already queued. For a clean stop, and before measuring the
+    /// file's size.
+    pub async fn checkpoint(&self) -> Result<(), domain::StoreError> {
+        self.inner.truncate_wal.store(true, Ordering::Release);
+        // The writer truncates before starting a group. The first no-op may
+        // join a group that had started already; the second one's group
+        // starts after it, so by its reply the truncation has run.
+        self.inner
+            .writer
+            .write("checkpoint", false, |_| Ok(()))
+            .await?;
+        self.inner
+            .writer
+            .write("checkpoint", false, |_| Ok(()))
+            .await
     }
 
     pub fn config(&self) -> &SqliteConfig {
@@ -362,15 +392,17 @@ fn read_pool(
 
 /// Checkpoints the WAL from its own connection, so checkpoints never run
 /// inside the writer's commits. A passive checkpoint never waits for
-/// readers or the writer; a truncating one runs when the WAL has grown
-/// past 64 MiB, to give the file back.
+/// readers or the writer. When the WAL has grown past `max_wal_bytes`
+/// anyway, it asks the writer to truncate it between two groups.
 fn spawn_checkpointer(
     path: &Path,
     config: &SqliteConfig,
     stop: Arc<AtomicBool>,
+    truncate_wal: Arc<AtomicBool>,
 ) -> Result<(), OpenError> {
     let conn = open_connection(path, config, false)?;
     let interval = config.checkpoint_interval;
+    let max_wal_bytes = config.max_wal_bytes;
     let wal_path = {
         let mut name = path.as_os_str().to_owned();
         name.push("-wal");
@@ -381,16 +413,13 @@ fn spawn_checkpointer(
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(interval);
-                let wal_bytes = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
-                let mode = if wal_bytes > 64 * 1024 * 1024 {
-                    "TRUNCATE"
-                } else {
-                    "PASSIVE"
-                };
-                if let Err(error) =
-                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                 {
-                    tracing::warn!(%error, mode, "WAL checkpoint failed");
+                    tracing::warn!(%error, "WAL checkpoint failed");
+                }
+                let wal_bytes = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
+                if wal_bytes > max_wal_bytes {
+                    truncate_wal.store(true, Ordering::Release);
                 }
             }
         })

@@ -100,7 +100,7 @@ WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 AND attempts = ?3";
 
 pub(crate) const SUCCEED: &str = "
 UPDATE jobs
-SET status = 'succeeded', finished_at = ?4, result = ?5, progress = 100,
+SET status = 'succeeded', finished_at = ?4, result = ?5, progress = 100, last_error = NULL,
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2 AND attempts = ?3
 RETURNING batch_id, seq, kind";

@@ -9,7 +9,8 @@
 //! others in its group still commit. Replies are sent only after COMMIT
 //! returns, so no caller ever sees a write that could still be lost.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Instant;
 
@@ -53,11 +54,17 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts the writer thread on `conn`; it stops when every handle is
     /// dropped.
-    pub(crate) fn spawn(conn: Connection, max_group_ops: usize) -> std::io::Result<Self> {
+    /// `truncate_wal` is raised by the checkpointer when the WAL has grown
+    /// too large; the writer then truncates it between two groups.
+    pub(crate) fn spawn(
+        conn: Connection,
+        max_group_ops: usize,
+        truncate_wal: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::channel::<WriteOp>();
         thread::Builder::new()
             .name("batchd-sqlite-writer".into())
-            .spawn(move || run_writer(conn, receiver, max_group_ops.max(1)))?;
+            .spawn(move || run_writer(conn, receiver, max_group_ops.max(1), &truncate_wal))?;
         Ok(Self { sender })
     }
 
@@ -109,10 +116,18 @@ impl Writer {
 #[error("write transaction failed: {0}")]
 struct CommitFailed(String);
 
-fn run_writer(conn: Connection, receiver: mpsc::Receiver<WriteOp>, max_group_ops: usize) {
+fn run_writer(
+    conn: Connection,
+    receiver: mpsc::Receiver<WriteOp>,
+    max_group_ops: usize,
+    truncate_wal: &AtomicBool,
+) {
     let mut group: Vec<WriteOp> = Vec::with_capacity(max_group_ops);
 
     while let Ok(first) = receiver.recv() {
+        if truncate_wal.swap(false, Ordering::AcqRel) {
+            truncate(&conn);
+        }
         let mut closed_by_bulk = first.bulk;
         group.push(first);
         while group.len() < max_group_ops && !closed_by_bulk {
@@ -135,7 +150,34 @@ fn run_writer(conn: Connection, receiver: mpsc::Receiver<WriteOp>, max_group_ops
         );
     }
 
+    truncate(&conn);
     tracing::debug!("sqlite writer stopped: every store handle was dropped");
+}
+
+/// Copies the whole WAL into the database and truncates it.
+///
+/// A passive checkpoint from another connection cannot reset the WAL
+/// while this thread keeps appending to it, so under steady load the WAL
+/// would only grow. Here, between two groups, no write is in progress;
+/// the checkpoint waits (up to the busy timeout) only for readers.
+fn truncate(conn: &Connection) {
+    let started = Instant::now();
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+    }) {
+        Ok((0, frames)) => tracing::debug!(
+            frames,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "WAL truncated"
+        ),
+        Ok((_, frames)) => {
+            tracing::warn!(
+                frames,
+                "WAL truncation was blocked by a reader; it is retried when the WAL grows again"
+            )
+        }
+        Err(error) => tracing::warn!(%error, "WAL truncation failed"),
+    }
 }
 
 fn commit_group(conn: &Connection, ops: impl Iterator<Item = WriteOp>) {
