@@ -71,6 +71,9 @@ struct InFlight {
     kind: String,
     seq: u32,
     correlation_id: Option<String>,
+    /// Set once the outcome is handed to the recorder: a heartbeat that
+    /// finds the lease gone then just saw the outcome commit first.
+    finishing: AtomicBool,
 }
 
 impl InFlight {
@@ -982,6 +985,7 @@ impl Inner {
                 kind: job.kind.clone(),
                 seq: job.seq,
                 correlation_id: job.correlation_id.clone(),
+                finishing: AtomicBool::new(false),
             },
         );
         (cancel, reason)
@@ -997,6 +1001,9 @@ impl Inner {
 
     fn finish(&self, outcome: AttemptOutcome) {
         let job_id = outcome.lease.job_id;
+        if let Some(job) = lock(&self.inflight).get(&job_id) {
+            job.finishing.store(true, Ordering::Release);
+        }
         if self.finished_tx.send(Finished { outcome }).is_err() {
             // The recorder is gone (shutdown); the lease expires and the
             // job runs again elsewhere.
@@ -1076,9 +1083,17 @@ impl Inner {
             }
             match self.store.heartbeat(&leases, self.lease_until()).await {
                 Ok(lost) => {
+                    let inflight = lock(&self.inflight);
+                    let lost: Vec<JobId> = lost
+                        .into_iter()
+                        .filter(|job_id| {
+                            inflight
+                                .get(job_id)
+                                .is_some_and(|job| !job.finishing.load(Ordering::Acquire))
+                        })
+                        .collect();
                     if !lost.is_empty() {
                         tracing::warn!(jobs = ?lost, "leases lost; stopping their handlers");
-                        let inflight = lock(&self.inflight);
                         for job_id in lost {
                             if let Some(job) = inflight.get(&job_id) {
                                 job.cancel(CancelReason::LeaseLost);
