@@ -34,6 +34,11 @@ impl Server {
     /// are off unless `config` has a `[rate_limits]` section, so tests of
     /// other features can send requests as fast as they like.
     pub fn start_in(data_dir: &Path, config: &str) -> Server {
+        Self::start_with_env(data_dir, config, &[])
+    }
+
+    /// Starts `batchd serve` with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
         let config_path = data_dir.join(format!("batchd-{}.toml", free_port()));
         let mut config = config.to_owned();
         if !config.contains("[rate_limits]") {
@@ -48,6 +53,7 @@ impl Server {
             .arg(data_dir)
             .env("BATCHD_JWT_SECRET", SECRET)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

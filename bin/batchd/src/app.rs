@@ -25,6 +25,7 @@ use crate::limits::{Limits, RateLimit};
 pub struct Running {
     pub addr: SocketAddr,
     pub queue: Queue,
+    store: Arc<SqliteStore>,
     server: ServerHandle,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     background: CancellationToken,
@@ -48,6 +49,9 @@ impl Running {
         }
         let report = self.queue.shutdown().await;
         self.background.cancel();
+        if let Err(error) = self.store.checkpoint().await {
+            tracing::warn!(%error, "final WAL checkpoint failed; the next start replays the WAL");
+        }
         tracing::info!(released = report.released, "batchd stopped");
     }
 }
@@ -132,8 +136,10 @@ fn register(
     Ok(builder)
 }
 
-/// Opens the store, starts the queue and flags, and binds the HTTP server.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+/// Opens the store, binds the HTTP server, then starts the queue, flags
+/// and metrics, and serves. A port that is taken fails before any job
+/// runs.
+pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::Result<Running> {
     let secret = config.signing_secret()?;
     if config.jwt_secret.is_none() {
         tracing::warn!(
@@ -168,14 +174,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         node_label: hostname(),
         ..QueueConfig::default()
     };
-    let limits = Limits::build(&config.rate_limits, store.clone(), Arc::new(SystemClock))?;
+    let limits = Limits::build(&config.rate_limits, store.clone(), Arc::new(SystemClock))?
+        .with_metrics(metrics.clone());
     let queue = register(
         Queue::builder(store.clone()).config(queue_config),
         &config,
         limits.item_pace(),
     )?
     .build();
-    queue.start().await.context("cannot start the queue")?;
 
     let background = CancellationToken::new();
     let flag_config = FlagConfig {
@@ -194,10 +200,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         flag_store: store.clone(),
         config: config.clone(),
         limits: limits.clone(),
+        metrics: metrics.clone(),
     });
     let limits = web::Data::new(limits);
     let auth = web::Data::new(Auth::new(&secret));
     let json_limit = config.limits.max_json_body_bytes;
+    let request_metrics = metrics.clone();
 
     let listen = config.listen_addr()?;
     let workers = std::thread::available_parallelism()
@@ -212,7 +220,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .app_data(api::query_config())
             .app_data(api::path_config())
             .wrap(RateLimit)
-            .wrap(Correlation)
+            .wrap(Correlation::new(request_metrics.clone()))
             .configure(api::configure)
             .default_service(web::to(api::not_found))
     })
@@ -226,6 +234,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .first()
         .copied()
         .context("the server bound no address")?;
+    queue.start().await.context("cannot start the queue")?;
+    start_metrics(&metrics, &queue, store.clone(), background.clone());
     let server = server.run();
     let handle = server.handle();
     let serving = tokio::spawn(server);
@@ -234,10 +244,60 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         queue,
+        store,
         server: handle,
         serving,
         background,
     })
+}
+
+/// Feeds queue events into the metrics and refreshes the queue-depth
+/// gauges every few seconds from the store.
+fn start_metrics(
+    metrics: &Arc<telemetry::Metrics>,
+    queue: &Queue,
+    store: Arc<SqliteStore>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(telemetry::record_queue_events(
+        metrics.clone(),
+        queue.subscribe(),
+    ));
+
+    let depth: Arc<std::sync::Mutex<Vec<domain::QueueDepth>>> = Arc::default();
+    let source = depth.clone();
+    metrics.set_depth_source(move || {
+        source
+            .lock()
+            .map(|depth| {
+                depth
+                    .iter()
+                    .map(|d| telemetry::QueueDepth {
+                        kind: d.kind.clone(),
+                        status: d.status,
+                        depth: i64::try_from(d.count).unwrap_or(i64::MAX),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            match domain::AdminStore::queue_depth(store.as_ref()).await {
+                Ok(current) => {
+                    if let Ok(mut shared) = depth.lock() {
+                        *shared = current;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "reading queue depth for metrics failed"),
+            }
+        }
+    });
 }
 
 fn hostname() -> String {

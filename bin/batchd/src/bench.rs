@@ -20,9 +20,7 @@ use queue::{FnHandler, JobContext, KindConfig, Queue, QueueConfig, QueueEvent, R
 use serde::Serialize;
 use sqlite_store::{SqliteConfig, SqliteStore, Synchronous};
 
-use crate::app;
 use crate::auth::Auth;
-use crate::config::Config;
 
 /// Settings of one bench run.
 #[derive(Debug, Clone)]
@@ -149,20 +147,6 @@ fn quiet_queue_config() -> QueueConfig {
         },
         ..QueueConfig::default()
     }
-}
-
-/// Resident and peak resident memory of this process, in MiB (Linux).
-fn rss_mib(field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 fn machine() -> Machine {
@@ -461,73 +445,162 @@ async fn mixed(rate: u32, seconds: u64) -> anyhow::Result<Mixed> {
     })
 }
 
-/// Peak RSS while 1,000 jobs are running at once.
+/// A `batchd serve` child process, so its memory is measured apart from
+/// the bench's own.
+struct ServerChild {
+    child: std::process::Child,
+    addr: String,
+    secret: String,
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServerChild {
+    fn start() -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader};
+
+        let dir = fresh_dir()?;
+        let config = dir.join("batchd.toml");
+        std::fs::write(
+            &config,
+            "[limits]\nmax_items_per_batch = 1000000\n\n[rate_limits]\ndisabled = true\n\n\
+             [kinds.noop]\nhandler = \"noop\"\n\n[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 1000\n",
+        )?;
+        let secret = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("BATCHD_JWT_SECRET", &secret)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("no stdout from the server process")?;
+        let addr = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                line.strip_prefix("batchd listening on http://")
+                    .map(str::to_owned)
+            })
+            .context("the server process did not print its address")?;
+        Ok(Self {
+            child,
+            addr,
+            secret,
+        })
+    }
+
+    /// Resident memory of the server process now, in MiB (Linux).
+    fn rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        Auth::new(&self.secret).mint("bench", false, 3_600)
+    }
+
+    async fn batch_status(
+        &self,
+        client: &reqwest::Client,
+        token: &str,
+        id: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        Ok(client
+            .get(format!("http://{}/api/batches/{id}", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+/// Peak RSS of a server process while 1,000 jobs run at once.
 async fn in_flight_memory() -> anyhow::Result<f64> {
-    let (store, _) = fresh_store(Synchronous::Normal).await?;
-    let handler = FnHandler(|_job: JobContext| async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        Ok(None)
-    });
-    let kind = KindConfig {
-        concurrency: 1_000,
-        ..KindConfig::default()
-    };
-    let queue = Queue::builder(store)
-        .config(quiet_queue_config())
-        .register("hold", handler, kind)
-        .build();
-    queue.start().await?;
-    let batch = queue.new_batch(UserId::new("bench"), "hold")?;
-    queue.create_batch(batch, items(1_000)).await?;
+    let server = ServerChild::start()?;
+    let token = server.token()?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let items: Vec<serde_json::Value> = (0..1_000)
+        .map(|_| serde_json::json!({ "ms": 3_000 }))
+        .collect();
+    let response = client
+        .post(format!("http://{}/api/batches", server.addr))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "kind": "sleep", "items": items }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!(
+            "the 1,000-item sleep batch was rejected with {}",
+            response.status()
+        );
+    }
+    let batch: serde_json::Value = response.json().await?;
+    let id = batch["id"]
+        .as_str()
+        .context("no batch id in the response")?
+        .to_owned();
 
     let mut peak: f64 = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if queue.in_flight() >= 1_000 {
-            peak = peak.max(rss_mib("VmRSS:").unwrap_or(0.0));
+    loop {
+        peak = peak.max(server.rss_mib().unwrap_or(0.0));
+        let status = server.batch_status(&client, &token, &id).await?;
+        if matches!(
+            status["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    queue.shutdown().await;
     Ok(peak)
 }
 
-/// Enqueues `n` items through the HTTP API as one NDJSON body and returns
-/// items per second and the peak RSS of this process while the batch was
-/// created and drained.
+/// Enqueues `n` items through the HTTP API of a server process as one
+/// NDJSON body, generated while it is sent. Returns items per second and
+/// the server's peak RSS while the batch was created and drained.
 async fn ndjson(n: usize) -> anyhow::Result<(f64, f64)> {
-    let dir = fresh_dir()?;
-    let secret = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let mut config = Config {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir,
-        jwt_secret: Some(secret.clone()),
-        ..Config::default()
-    };
-    config.rate_limits.disabled = true;
-    config.limits.max_items_per_batch = n as u64;
-    let running = app::start(config).await?;
-    let token = Auth::new(&secret).mint("bench", false, 3_600)?;
+    let server = Arc::new(ServerChild::start()?);
+    let token = server.token()?;
 
     let peak = Arc::new(Mutex::new(0.0_f64));
     let sampler = {
         let peak = peak.clone();
+        let server = server.clone();
         tokio::spawn(async move {
             loop {
-                if let (Some(rss), Ok(mut peak)) = (rss_mib("VmRSS:"), peak.lock()) {
+                if let (Some(rss), Ok(mut peak)) = (server.rss_mib(), peak.lock()) {
                     *peak = peak.max(rss);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
 
-    // The body is generated as it is sent, so the client holds no more
-    // than one chunk either.
     let chunks = (0..n.div_ceil(10_000)).map(move |chunk| {
         let from = chunk * 10_000;
         let to = (from + 10_000).min(n);
@@ -538,7 +611,7 @@ async fn ndjson(n: usize) -> anyhow::Result<(f64, f64)> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let started = Instant::now();
     let response = client
-        .post(format!("http://{}/api/batches?kind=noop", running.addr))
+        .post(format!("http://{}/api/batches?kind=noop", server.addr))
         .bearer_auth(&token)
         .header("content-type", "application/x-ndjson")
         .body(body)
@@ -551,19 +624,21 @@ async fn ndjson(n: usize) -> anyhow::Result<(f64, f64)> {
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
 
-    let id: domain::BatchId = batch["id"]
+    let id = batch["id"]
         .as_str()
         .context("no batch id in the response")?
-        .parse()?;
+        .to_owned();
     loop {
-        let current = running.queue.store().get_batch(&Scope::Admin, id).await?;
-        if current.status.is_terminal() {
+        let current = server.batch_status(&client, &token, &id).await?;
+        if matches!(
+            current["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sampler.abort();
-    running.stop().await;
     let peak = peak.lock().map(|p| *p).unwrap_or(0.0);
     Ok((rate, peak))
 }

@@ -38,6 +38,7 @@ pub struct Config {
     pub outbound: Outbound,
     pub flags: FlagSettings,
     pub rate_limits: crate::limits::RateLimitSettings,
+    pub telemetry: TelemetrySettings,
     /// Job kinds and the handler each runs.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -69,6 +70,7 @@ impl Default for Config {
             outbound: Outbound::default(),
             flags: FlagSettings::default(),
             rate_limits: crate::limits::RateLimitSettings::default(),
+            telemetry: TelemetrySettings::default(),
             kinds,
         }
     }
@@ -88,6 +90,9 @@ pub struct Limits {
     pub max_items_per_batch: u64,
     /// Largest page a listing returns.
     pub max_page_size: u32,
+    /// Longest wait for the next part of a request body, in seconds; a
+    /// stalled body gets 408.
+    pub body_idle_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -98,6 +103,7 @@ impl Default for Limits {
             max_item_bytes: 256 * 1024,
             max_items_per_batch: 1_000_000,
             max_page_size: 1_000,
+            body_idle_timeout_seconds: 30,
         }
     }
 }
@@ -138,6 +144,83 @@ pub struct Outbound {
     pub allow_loopback: bool,
     /// Allow private ranges (10/8, 172.16/12, 192.168/16, fc00::/7).
     pub allow_private: bool,
+}
+
+/// Logging and metrics settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `json` (one object per line) or `pretty` (for a terminal).
+    pub log_format: LogFormatName,
+    /// Level for modules no directive names.
+    pub log_level: String,
+    /// Per-module levels, such as "sqlite_store=warn"; RUST_LOG wins.
+    pub log_directives: Vec<String>,
+    /// Days of application log files kept.
+    pub app_log_days: u32,
+    /// Days of security log files kept.
+    pub security_log_days: u32,
+    /// Requests slower than this are logged, in milliseconds.
+    pub slow_request_ms: u64,
+    /// Job attempts slower than this are logged, in milliseconds.
+    pub slow_attempt_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatName {
+    #[default]
+    Json,
+    Pretty,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormatName::Json,
+            log_level: "info".into(),
+            log_directives: Vec::new(),
+            app_log_days: 14,
+            security_log_days: 30,
+            slow_request_ms: 1_000,
+            slow_attempt_ms: 30_000,
+        }
+    }
+}
+
+impl TelemetrySettings {
+    pub fn slow_thresholds(&self) -> telemetry::SlowThresholds {
+        telemetry::SlowThresholds {
+            request: Duration::from_millis(self.slow_request_ms),
+            attempt: Duration::from_millis(self.slow_attempt_ms),
+        }
+    }
+
+    /// Builds the telemetry configuration of `serve`.
+    pub fn logging(
+        &self,
+        log_dir: Option<PathBuf>,
+        metrics: std::sync::Arc<telemetry::Metrics>,
+    ) -> telemetry::TelemetryConfig {
+        let format = match std::env::var("BATCHD_LOG_FORMAT").as_deref() {
+            Ok("pretty") => telemetry::LogFormat::Pretty,
+            Ok("json") => telemetry::LogFormat::Json,
+            _ => match self.log_format {
+                LogFormatName::Json => telemetry::LogFormat::Json,
+                LogFormatName::Pretty => telemetry::LogFormat::Pretty,
+            },
+        };
+        telemetry::TelemetryConfig {
+            format,
+            default_level: self.log_level.clone(),
+            directives: self.log_directives.clone(),
+            log_dir,
+            app_retention_days: self.app_log_days,
+            security_retention_days: self.security_log_days,
+            metrics: Some(metrics),
+            ..telemetry::TelemetryConfig::default()
+        }
+    }
 }
 
 /// Feature-flag settings.

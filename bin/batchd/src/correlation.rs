@@ -13,9 +13,6 @@ use tracing::Instrument;
 
 pub const HEADER: &str = "x-correlation-id";
 
-/// Longest incoming id kept.
-const MAX_LEN: usize = 128;
-
 tokio::task_local! {
     static CURRENT: String;
 }
@@ -37,26 +34,26 @@ pub fn of(request: &HttpRequest) -> String {
         .unwrap_or_default()
 }
 
-/// Keeps an incoming id only if it is short and made of safe characters,
-/// so it can go into logs and headers unescaped.
+/// Keeps a valid incoming id (short, safe characters), else makes a new
+/// UUID v4; the rule is `telemetry::correlation::accept`.
 pub fn accept(incoming: Option<&str>) -> String {
-    match incoming {
-        Some(id)
-            if !id.is_empty()
-                && id.len() <= MAX_LEN
-                && id.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
-                }) =>
-        {
-            id.to_owned()
-        }
-        _ => uuid::Uuid::new_v4().to_string(),
-    }
+    telemetry::correlation::accept(incoming)
 }
 
-/// Middleware that assigns the id and runs the request in its span.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Correlation;
+/// Middleware that assigns the id, runs the request in its span, and
+/// records the request in the HTTP metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Correlation {
+    metrics: Option<std::sync::Arc<telemetry::Metrics>>,
+}
+
+impl Correlation {
+    pub fn new(metrics: std::sync::Arc<telemetry::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+        }
+    }
+}
 
 impl<S, B> Transform<S, ServiceRequest> for Correlation
 where
@@ -72,12 +69,14 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(CorrelationMiddleware {
             service: Rc::new(service),
+            metrics: self.metrics.clone(),
         }))
     }
 }
 
 pub struct CorrelationMiddleware<S> {
     service: Rc<S>,
+    metrics: Option<std::sync::Arc<telemetry::Metrics>>,
 }
 
 impl<S, B> Service<ServiceRequest> for CorrelationMiddleware<S>
@@ -107,10 +106,20 @@ where
         );
         let service = self.service.clone();
         let scoped_id = id.clone();
+        let metrics = self.metrics.clone();
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_owned());
+        let method = request.method().to_string();
+        let started = std::time::Instant::now();
         Box::pin(
             CURRENT
                 .scope(scoped_id, async move {
                     let mut response = service.call(request).await?;
+                    if let Some(metrics) = metrics {
+                        let status = response.status().as_u16();
+                        metrics.observe_request(&route, &method, status, started.elapsed());
+                    }
                     if let Ok(value) = HeaderValue::from_str(&id) {
                         response
                             .headers_mut()

@@ -113,7 +113,11 @@ pub async fn run(items: u32, keep: bool) -> anyhow::Result<()> {
     );
 
     let (documents, document_server) = start_document_server()?;
-    let running = app::start(demo_config(dir.path().to_path_buf(), secret.clone())).await?;
+    let running = app::start(
+        demo_config(dir.path().to_path_buf(), secret.clone()),
+        std::sync::Arc::default(),
+    )
+    .await?;
     let base = format!("http://{}", running.addr);
     println!(
         "batchd is listening on {base} with its database in {}",

@@ -91,6 +91,7 @@ pub struct Limits {
     clock: Arc<dyn Clock>,
     pub disabled: bool,
     pub item_budget: ItemBudget,
+    metrics: Option<Arc<telemetry::Metrics>>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -173,6 +174,7 @@ impl Limits {
             clock,
             disabled: settings.disabled,
             item_budget: settings.item_budget,
+            metrics: None,
         })
     }
 
@@ -191,6 +193,12 @@ impl Limits {
             x_forwarded_for: &x_forwarded_for,
             forwarded: &forwarded,
         })
+    }
+
+    /// Counts item-budget rejections in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Charges `items` to the caller's item budget in reject mode; in pace
@@ -213,6 +221,9 @@ impl Limits {
             return Ok(());
         }
         tracing::warn!(target: "security", user_id = user, policy = policy.name(), items, fits = decision.available_now, "item budget exceeded");
+        if let Some(metrics) = &self.metrics {
+            metrics.rate_limit_rejected(policy.name());
+        }
         let retry = decision
             .retry_after_secs()
             .unwrap_or(decision.reset_after_secs())

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -83,16 +84,19 @@ struct ServerArgs {
     /// TOML configuration file; flags and BATCHD_* variables override it.
     #[arg(long, env = "BATCHD_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on, as host:port.
+    /// Address to listen on, as host:port [default: 127.0.0.1:8080].
     #[arg(long, env = "BATCHD_LISTEN", value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// SQLite database file (relative paths are under the data directory).
+    /// SQLite database file; relative paths are under the data directory
+    /// [default: batchd.db].
     #[arg(long, env = "BATCHD_DATABASE", value_name = "PATH")]
     database: Option<String>,
-    /// Directory for the database and downloaded documents.
+    /// Directory for the database and downloaded documents
+    /// [default: batchd-data].
     #[arg(long, env = "BATCHD_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Directory for log files; without it, logs go to standard error only.
+    /// Directory for daily log files (application log kept 14 days,
+    /// security log 30); without it, logs go to standard error only.
     #[arg(long, env = "BATCHD_LOG_DIR", value_name = "DIR")]
     log_dir: Option<PathBuf>,
     /// HS256 secret for bearer tokens, at least 32 bytes.
@@ -134,8 +138,20 @@ struct TokenArgs {
     /// Lifetime of the token, in seconds.
     #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
     ttl: u64,
-    #[command(flatten)]
-    server: ServerArgs,
+    /// TOML configuration file holding jwt_secret.
+    #[arg(long, env = "BATCHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// HS256 secret to sign with, the server's BATCHD_JWT_SECRET.
+    #[arg(
+        long,
+        env = "BATCHD_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// Sign with the public development secret of `serve --dev`.
+    #[arg(long)]
+    dev: bool,
 }
 
 #[derive(Debug, Args)]
@@ -148,24 +164,26 @@ struct DemoArgs {
     keep: bool,
 }
 
-fn init_logging(default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let json = std::env::var("BATCHD_LOG_FORMAT").is_ok_and(|format| format == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().with_current_span(true).init();
-    } else {
-        builder.init();
-    }
+/// Installs logging for the commands other than `serve`: human-readable,
+/// to standard error only.
+fn init_console_logging(default_level: &str) -> anyhow::Result<telemetry::TelemetryGuard> {
+    let config = telemetry::TelemetryConfig {
+        format: telemetry::LogFormat::Pretty,
+        default_level: default_level.to_owned(),
+        ..telemetry::TelemetryConfig::default()
+    };
+    Ok(telemetry::init(config)?)
 }
 
 async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let config = args.load()?;
-    let running = app::start(config).await?;
+    let metrics = Arc::new(telemetry::Metrics::new(config.telemetry.slow_thresholds()));
+    let _logging = telemetry::init(
+        config
+            .telemetry
+            .logging(config.log_dir.clone(), metrics.clone()),
+    )?;
+    let running = app::start(config, metrics).await?;
     // Scripts and tests read the bound address from this line, which
     // matters when the configured port is 0.
     println!("batchd listening on http://{}", running.addr);
@@ -199,7 +217,18 @@ async fn wait_for_signal() {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let config = args.server.load()?;
+    if args.user.is_empty() || args.user.len() > 128 {
+        anyhow::bail!(
+            "--user must be a user id of 1 to 128 bytes, got {:?}",
+            args.user
+        );
+    }
+    let overrides = Overrides {
+        jwt_secret: args.jwt_secret,
+        dev_mode: args.dev,
+        ..Overrides::default()
+    };
+    let config = Config::load(args.config.as_deref(), overrides)?;
     let secret = config.signing_secret()?;
     let token = auth::Auth::new(&secret).mint(&args.user, args.admin, args.ttl)?;
     println!("{token}");
@@ -220,17 +249,18 @@ fn main() -> ExitCode {
     };
 
     let result = match cli.command {
-        Command::Serve(args) => {
-            init_logging("info");
-            runtime.block_on(serve(args))
-        }
+        Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Token(args) => token(args),
-        Command::Demo(args) => {
-            init_logging("warn");
-            runtime.block_on(demo::run(args.items, args.keep))
-        }
+        Command::Demo(args) => init_console_logging("warn")
+            .and_then(|_logging| runtime.block_on(demo::run(args.items, args.keep))),
         Command::Bench(args) => {
-            init_logging("error");
+            let _logging = match init_console_logging("error") {
+                Ok(guard) => guard,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let options = bench::BenchOptions {
                 items: args.items,
                 json: args.json,
@@ -242,10 +272,8 @@ fn main() -> ExitCode {
             };
             runtime.block_on(bench::run(options))
         }
-        Command::BenchWorker { database } => {
-            init_logging("error");
-            runtime.block_on(bench::worker(database))
-        }
+        Command::BenchWorker { database } => init_console_logging("error")
+            .and_then(|_logging| runtime.block_on(bench::worker(database))),
     };
 
     match result {

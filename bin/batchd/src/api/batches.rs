@@ -22,6 +22,30 @@ use crate::error::ApiError;
 /// Longest accepted Idempotency-Key, in bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Reads the next part of a body. A client that stops sending for
+/// `idle` gets 408 instead of holding the connection forever.
+async fn next_chunk(
+    payload: &mut web::Payload,
+    idle: std::time::Duration,
+) -> Result<Option<web::Bytes>, ApiError> {
+    match tokio::time::timeout(idle, payload.next()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "REQUEST_TIMEOUT",
+            format!(
+                "the request body stalled for {} s; send the whole body, matching its Content-Length",
+                idle.as_secs()
+            ),
+        )),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(error))) => Err(ApiError::bad_request(
+            "INVALID_BODY",
+            format!("reading the request body failed: {error}"),
+        )),
+    }
+}
+
 /// Body of a JSON batch creation.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -50,6 +74,7 @@ pub struct CreateBatchRequest {
 
 /// Query of an NDJSON batch creation, where the body holds only items.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateQuery {
     /// Job kind of an NDJSON body.
@@ -142,15 +167,13 @@ struct BatchOptions {
     max_attempts: Option<u32>,
 }
 
-async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+async fn read_limited(
+    mut payload: web::Payload,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|error| {
-            ApiError::bad_request(
-                "INVALID_BODY",
-                format!("reading the request body failed: {error}"),
-            )
-        })?;
+    while let Some(chunk) = next_chunk(&mut payload, idle).await? {
         if body.len() + chunk.len() > limit {
             return Err(ApiError::too_large(
                 "PAYLOAD_TOO_LARGE",
@@ -168,7 +191,13 @@ async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<web::By
     post,
     path = "/api/batches",
     tag = "batches",
-    request_body(content = CreateBatchRequest, description = "JSON body, or an NDJSON body of items with the kind in the query"),
+    request_body(
+        description = "a JSON batch, or an NDJSON body of items (one JSON value per line) with the kind in the query",
+        content(
+            (CreateBatchRequest = "application/json"),
+            (String = "application/x-ndjson"),
+        )
+    ),
     params(CreateQuery, ("Idempotency-Key" = Option<String>, Header, description = "repeat a request safely: the same key returns the same batch")),
     responses(
         (status = 201, description = "batch accepted", body = Object),
@@ -194,7 +223,8 @@ pub async fn create(
     }
 
     let limits = &state.config.limits;
-    let body = read_limited(payload, limits.max_json_body_bytes).await?;
+    let idle = std::time::Duration::from_secs(limits.body_idle_timeout_seconds.max(1));
+    let body = read_limited(payload, limits.max_json_body_bytes, idle).await?;
     let digest = hex::encode(Sha256::digest(&body));
     let parsed: CreateBatchRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(
@@ -382,13 +412,8 @@ async fn stream_items(
         Ok(())
     };
 
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|error| {
-            ApiError::bad_request(
-                "INVALID_BODY",
-                format!("reading the request body failed: {error}"),
-            )
-        })?;
+    let idle = std::time::Duration::from_secs(limits.body_idle_timeout_seconds.max(1));
+    while let Some(chunk) = next_chunk(&mut payload, idle).await? {
         received += chunk.len() as u64;
         if received > limits.max_ndjson_body_bytes {
             return Err(ApiError::too_large(
@@ -443,6 +468,7 @@ async fn stream_items(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListQuery {
     /// Only batches in this status.
@@ -532,6 +558,7 @@ pub async fn get(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ItemsQuery {
     /// Only items in this status.

@@ -21,6 +21,7 @@ fn scope_of(user: &AuthUser) -> Scope {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeadQuery {
     pub kind: Option<String>,
@@ -54,9 +55,15 @@ pub async fn list(
                 "cursor must be the nextCursor of a previous page",
             )
         })?;
+    let batch_id = query.batch.as_deref().map(parse_batch_id).transpose()?;
+    // A batch the caller cannot see answers 404, as it does everywhere,
+    // rather than an empty list that would reveal that it exists.
+    if let Some(id) = batch_id {
+        state.queue.store().get_batch(&scope_of(&user), id).await?;
+    }
     let filter = DeadLetterFilter {
         kind: query.kind,
-        batch_id: query.batch.as_deref().map(parse_batch_id).transpose()?,
+        batch_id,
         cursor,
         limit: super::batches::page_limit(&state, query.limit)?,
     };

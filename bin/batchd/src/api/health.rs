@@ -40,3 +40,15 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         }
     }
 }
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus metrics in the OpenMetrics text format", content_type = "application/openmetrics-text", body = String))
+)]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(telemetry::CONTENT_TYPE)
+        .body(state.metrics.encode())
+}

@@ -30,6 +30,7 @@ pub struct AppState {
     pub flag_store: Arc<dyn domain::FlagStore>,
     pub config: Arc<Config>,
     pub limits: crate::limits::Limits,
+    pub metrics: Arc<telemetry::Metrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -148,9 +149,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(flags::audit))
             .default_service(web::to(method_not_allowed)),
     )
-    .service(web::resource("/health").route(web::get().to(health::health)))
-    .service(web::resource("/ready").route(web::get().to(health::ready)))
-    .service(web::resource("/openapi.json").route(web::get().to(openapi::document)));
+    .service(
+        web::resource("/health")
+            .route(web::get().to(health::health))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/ready")
+            .route(web::get().to(health::ready))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(health::metrics))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi::document))
+            .default_service(web::to(method_not_allowed)),
+    );
 }
 
 async fn method_not_allowed(request: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -29,6 +29,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::flags::audit,
         super::health::health,
         super::health::ready,
+        super::health::metrics,
         document,
     ),
     components(schemas(crate::error::ErrorBody, super::batches::CreateBatchRequest, super::dead_letters::RedriveRequest, super::flags::CreateFlagRequest, super::flags::UpdateFlagRequest)),
