@@ -24,6 +24,7 @@ use crate::limits::{Limits, RateLimit};
 /// A running server: its address and what is needed to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    hub: Arc<gateway::Hub>,
     pub queue: Queue,
     store: Arc<SqliteStore>,
     server: ServerHandle,
@@ -43,6 +44,7 @@ impl Running {
     /// Stops accepting requests, lets in-flight requests finish, then shuts
     /// the queue down gracefully.
     pub async fn stop(self) {
+        self.hub.close_all();
         self.server.stop(true).await;
         if let Err(error) = self.serving.await {
             tracing::warn!(%error, "HTTP server task ended abnormally");
@@ -193,6 +195,20 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         .await
         .context("cannot load feature flags")?;
 
+    let hub_config = gateway::HubConfig {
+        buffer_capacity: config.gateway.buffer_messages,
+        progress_per_second: config.gateway.progress_per_second,
+        slow_client_grace: Duration::from_secs(config.gateway.slow_client_seconds),
+        ..gateway::HubConfig::default()
+    };
+    let hub =
+        Arc::new(gateway::Hub::new(hub_config, store.clone()).context("config section gateway")?);
+    let origins = gateway::OriginPolicy::new(
+        &config.gateway.allowed_origins,
+        config.gateway.allow_missing_origin,
+    )
+    .context("config key gateway.allowed_origins")?;
+
     let config = Arc::new(config);
     let state = web::Data::new(AppState {
         queue: queue.clone(),
@@ -201,6 +217,9 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         config: config.clone(),
         limits: limits.clone(),
         metrics: metrics.clone(),
+        hub: hub.clone(),
+        tickets: gateway::TicketStore::default(),
+        origins,
     });
     let limits = web::Data::new(limits);
     let auth = web::Data::new(Auth::new(&secret));
@@ -234,6 +253,7 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         .first()
         .copied()
         .context("the server bound no address")?;
+    tokio::spawn(hub.clone().forward(queue.subscribe()));
     queue.start().await.context("cannot start the queue")?;
     start_metrics(&metrics, &queue, store.clone(), background.clone());
     let server = server.run();
@@ -243,6 +263,7 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
     tracing::info!(%addr, database = %database.display(), kinds = ?queue.kinds(), "batchd listening");
     Ok(Running {
         addr,
+        hub,
         queue,
         store,
         server: handle,

@@ -39,6 +39,7 @@ pub struct Config {
     pub flags: FlagSettings,
     pub rate_limits: crate::limits::RateLimitSettings,
     pub telemetry: TelemetrySettings,
+    pub gateway: GatewaySettings,
     /// Job kinds and the handler each runs.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -71,6 +72,7 @@ impl Default for Config {
             flags: FlagSettings::default(),
             rate_limits: crate::limits::RateLimitSettings::default(),
             telemetry: TelemetrySettings::default(),
+            gateway: GatewaySettings::default(),
             kinds,
         }
     }
@@ -144,6 +146,34 @@ pub struct Outbound {
     pub allow_loopback: bool,
     /// Allow private ranges (10/8, 172.16/12, 192.168/16, fc00::/7).
     pub allow_private: bool,
+}
+
+/// WebSocket settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Origins browsers may connect from, such as "https://app.example".
+    pub allowed_origins: Vec<String>,
+    /// Accept handshakes without an Origin header (non-browser clients).
+    pub allow_missing_origin: bool,
+    /// Progress messages per second per batch per connection.
+    pub progress_per_second: u32,
+    /// Messages buffered per connection before intermediate ones drop.
+    pub buffer_messages: usize,
+    /// Seconds a connection's buffer may stay full before it is closed.
+    pub slow_client_seconds: u64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: vec!["http://localhost:3000".into()],
+            allow_missing_origin: true,
+            progress_per_second: 4,
+            buffer_messages: 256,
+            slow_client_seconds: 10,
+        }
+    }
 }
 
 /// Logging and metrics settings.

@@ -18,6 +18,7 @@ pub mod flags;
 pub mod health;
 pub mod jobs;
 pub mod openapi;
+pub mod ws;
 
 /// Flag that gates batch creation.
 pub const BATCH_FLAG: &str = "batch_operations";
@@ -31,6 +32,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub limits: crate::limits::Limits,
     pub metrics: Arc<telemetry::Metrics>,
+    pub hub: Arc<gateway::Hub>,
+    pub tickets: gateway::TicketStore,
+    pub origins: gateway::OriginPolicy,
 }
 
 impl std::fmt::Debug for AppState {
@@ -147,6 +151,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/admin/flags/{name}/audit")
             .route(web::get().to(flags::audit))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/ws/tickets")
+            .route(web::post().to(ws::ticket))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/ws")
+            .route(web::get().to(ws::connect))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

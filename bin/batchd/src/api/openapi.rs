@@ -30,6 +30,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::health::health,
         super::health::ready,
         super::health::metrics,
+        super::ws::connect,
+        super::ws::ticket,
         document,
     ),
     components(schemas(crate::error::ErrorBody, super::batches::CreateBatchRequest, super::dead_letters::RedriveRequest, super::flags::CreateFlagRequest, super::flags::UpdateFlagRequest)),
