@@ -188,3 +188,90 @@ fn token_refuses_an_empty_user() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--user"));
 }
+
+#[tokio::test]
+async fn correlation_id_follows_every_attempt_across_a_restart() {
+    let receiver = Receiver::start().await;
+    let data_dir = tempfile::tempdir().unwrap().keep();
+    let log_dir = data_dir.join("logs");
+    let config = format!(
+        r#"
+[queue]
+lease_seconds = 2
+
+[outbound]
+allow_loopback = true
+
+[kinds.flaky]
+handler = "webhook"
+url = "http://{addr}/flaky"
+secret = "receiver-signing-secret"
+backoff_base_ms = 1500
+"#,
+        addr = receiver.addr
+    );
+    let env = [
+        ("BATCHD_LOG_DIR", log_dir.to_str().unwrap()),
+        ("RUST_LOG", "info,queue=debug"),
+    ];
+    let server = Server::start_with_env(&data_dir, &config, &env);
+    let alice = token("alice", false);
+    let (status, batch) = call(
+        client()
+            .post(server.url("/api/batches"))
+            .bearer_auth(&alice)
+            .header("X-Correlation-ID", "follow-me-9")
+            .json(&json!({ "kind": "flaky", "items": [{"order": 1}] })),
+    )
+    .await;
+    assert_eq!(status, 201, "{batch}");
+    let id = batch["id"].as_str().unwrap().to_owned();
+
+    // Kill the server once the first attempt has failed, while the job
+    // waits out its backoff, and continue on a new process.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let items = all_items(&server, &alice, &id).await;
+        if items[0]["errors"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first attempt never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let data_dir = server.kill();
+    let restarted = Server::start_with_env(&data_dir, &config, &env);
+    let done = wait_terminal(&restarted, &alice, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let job_id = all_items(&restarted, &alice, &id).await[0]["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    drop(restarted);
+
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let log = std::fs::read_to_string(log_dir.join(format!("batchd.{today}.log"))).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|line: &serde_json::Value| line["correlation_id"] == "follow-me-9")
+        .collect();
+    assert!(
+        lines.iter().any(|line| line["message"] == "batch accepted"),
+        "the request that created the batch is in the log"
+    );
+    for attempt in 1..=3 {
+        assert!(
+            lines.iter().any(|line| line["attempt"] == attempt
+                && line["job_id"].as_str() == Some(job_id.as_str())),
+            "attempt {attempt} of job {job_id} logs the batch's correlation id"
+        );
+    }
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("batchd listening") || line.contains("queue started"))
+        .collect();
+    assert!(
+        starts.len() >= 2,
+        "the log spans both processes: {starts:?}"
+    );
+}

@@ -179,3 +179,52 @@ secret = "receiver-signing-secret"
         "no request may reach a refused address"
     );
 }
+
+#[tokio::test]
+async fn delivery_continues_the_request_trace() {
+    let receiver = Receiver::start().await;
+    let config = format!(
+        r#"
+[outbound]
+allow_loopback = true
+
+[kinds.notify]
+handler = "webhook"
+url = "http://{addr}/ok"
+secret = "receiver-signing-secret"
+"#,
+        addr = receiver.addr
+    );
+    let server = Server::start(&config);
+    let alice = token("alice", false);
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, batch) = call(
+        client()
+            .post(server.url("/api/batches"))
+            .bearer_auth(&alice)
+            .header("traceparent", incoming)
+            .header("X-Correlation-ID", "follow-me-7")
+            .json(&json!({ "kind": "notify", "items": [{"a": 1}] })),
+    )
+    .await;
+    let id = batch["id"].as_str().unwrap().to_owned();
+    wait_terminal(&server, &alice, &id, Duration::from_secs(30)).await;
+
+    let hits = receiver.hits.lock().unwrap().clone();
+    let traceparent = hits
+        .keys()
+        .find_map(|k| k.strip_prefix("traceparent="))
+        .unwrap()
+        .to_owned();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "same trace id"
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "a new span id for the delivery"
+    );
+    assert!(hits.contains_key("correlation=follow-me-7"), "{hits:?}");
+}

@@ -321,16 +321,22 @@ impl Receiver {
         type Hits = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
 
         async fn answer(request: HttpRequest, hits: web::Data<Hits>) -> HttpResponse {
-            let key = request
-                .headers()
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let key = header("idempotency-key");
             let path = request.path().to_owned();
             let seen = {
                 let mut hits = hits.lock().unwrap();
                 *hits.entry(path.clone()).or_default() += 1;
+                // The last trace headers seen, for tests of propagation.
+                hits.insert(format!("traceparent={}", header("traceparent")), 0);
+                hits.insert(format!("correlation={}", header("x-correlation-id")), 0);
                 let per_item = hits.entry(format!("{path}#{key}")).or_default();
                 *per_item += 1;
                 *per_item

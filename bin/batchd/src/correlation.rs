@@ -26,6 +26,19 @@ pub fn current() -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct CorrelationId(pub String);
 
+/// The request's W3C trace context: the incoming `traceparent` when it is
+/// valid, else a new trace.
+#[derive(Debug, Clone)]
+pub struct TraceParent(pub String);
+
+/// The trace context the middleware stored for `request`.
+pub fn traceparent_of(request: &HttpRequest) -> Option<String> {
+    request
+        .extensions()
+        .get::<TraceParent>()
+        .map(|t| t.0.clone())
+}
+
 pub fn of(request: &HttpRequest) -> String {
     request
         .extensions()
@@ -97,10 +110,21 @@ where
             .and_then(|value| value.to_str().ok());
         let id = accept(incoming);
         request.extensions_mut().insert(CorrelationId(id.clone()));
+        let trace = telemetry::correlation::TraceContext::accept(
+            request
+                .headers()
+                .get(telemetry::correlation::TRACEPARENT_HEADER)
+                .and_then(|value| value.to_str().ok()),
+        );
+        let trace_id = trace.trace_id_hex();
+        request
+            .extensions_mut()
+            .insert(TraceParent(trace.to_string()));
 
         let span = tracing::info_span!(
             "request",
             correlation_id = %id,
+            trace_id = %trace_id,
             method = %request.method(),
             path = %request.path(),
         );

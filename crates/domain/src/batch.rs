@@ -138,6 +138,9 @@ pub struct NewBatch {
     pub config: serde_json::Value,
     pub metadata: serde_json::Value,
     pub correlation_id: Option<String>,
+    /// W3C `traceparent` of the request that created the batch; attempts
+    /// continue this trace.
+    pub traceparent: Option<String>,
     /// With a key, a repeated create by the same owner returns the first
     /// batch instead of making a second one.
     pub idempotency_key: Option<String>,
@@ -161,6 +164,7 @@ impl NewBatch {
             config: serde_json::Value::Object(Default::default()),
             metadata: serde_json::Value::Object(Default::default()),
             correlation_id: None,
+            traceparent: None,
             idempotency_key: None,
             request_digest: None,
             depends_on: Vec::new(),

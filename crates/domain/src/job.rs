@@ -210,6 +210,8 @@ pub struct ClaimedJob {
     pub payload: Box<RawValue>,
     pub owner: UserId,
     pub correlation_id: Option<String>,
+    /// W3C `traceparent` of the request that created the batch.
+    pub traceparent: Option<String>,
     pub attempt: u32,
     pub max_attempts: u32,
     pub priority: i32,

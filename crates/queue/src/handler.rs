@@ -105,6 +105,12 @@ impl JobContext {
         self.job.correlation_id.as_deref()
     }
 
+    /// W3C `traceparent` of the request that created the batch, for
+    /// handlers that continue its trace in their own outgoing requests.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.job.traceparent.as_deref()
+    }
+
     pub fn payload(&self) -> &RawValue {
         &self.job.payload
     }

@@ -116,6 +116,7 @@ fn begin_in(conn: &Connection, batch: &NewBatch, now_ms: i64) -> Result<Begun, S
                 batch.idempotency_key,
                 batch.request_digest,
                 now_ms,
+                batch.traceparent,
             ])
         })
         .map_err(db_error("insert batch"))?;
@@ -912,14 +913,18 @@ fn claim_in(
     // RETURNING gives rows in no promised order.
     rows.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
 
-    let mut batch_info: HashMap<String, (UserId, Option<String>)> = HashMap::new();
+    type BatchInfo = (UserId, Option<String>, Option<String>);
+    let mut batch_info: HashMap<String, BatchInfo> = HashMap::new();
     let mut claimed = Vec::with_capacity(rows.len());
     for row in rows {
         if !batch_info.contains_key(&row.batch_id) {
-            let (owner, correlation_id, started_at): (String, Option<String>, Option<i64>) = conn
+            type ClaimInfo = (String, Option<String>, Option<i64>, Option<String>);
+            let (owner, correlation_id, started_at, traceparent): ClaimInfo = conn
                 .prepare_cached(sql::BATCH_CLAIM_INFO)
                 .and_then(|mut stmt| {
-                    stmt.query_row([&row.batch_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    stmt.query_row([&row.batch_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                 })
                 .map_err(db_error("read claimed batch"))?;
             if started_at.is_none() {
@@ -927,9 +932,12 @@ fn claim_in(
                     .and_then(|mut stmt| stmt.execute(params![row.batch_id, now_ms]))
                     .map_err(db_error("mark batch started"))?;
             }
-            batch_info.insert(row.batch_id.clone(), (UserId(owner), correlation_id));
+            batch_info.insert(
+                row.batch_id.clone(),
+                (UserId(owner), correlation_id, traceparent),
+            );
         }
-        let (owner, correlation_id) = batch_info[&row.batch_id].clone();
+        let (owner, correlation_id, traceparent) = batch_info[&row.batch_id].clone();
         let payload = RawValue::from_string(row.payload).map_err(|error| StoreError::Corrupt {
             what: "job payload",
             value: error.to_string(),
@@ -943,6 +951,7 @@ fn claim_in(
             payload,
             owner,
             correlation_id,
+            traceparent,
             attempt: row.attempts,
             max_attempts: row.max_attempts,
             priority: row.priority,

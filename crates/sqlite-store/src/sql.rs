@@ -9,8 +9,8 @@
 pub(crate) const INSERT_BATCH: &str = "
 INSERT INTO batches (id, owner, kind, status, accepted, priority, max_attempts, run_at,
                      config, metadata, correlation_id, idempotency_key, request_digest,
-                     created_at, updated_at)
-VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)";
+                     created_at, updated_at, traceparent)
+VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)";
 
 pub(crate) const FIND_BY_IDEMPOTENCY_KEY: &str = "
 SELECT id, accepted, request_digest FROM batches WHERE owner = ?1 AND idempotency_key = ?2";
@@ -83,7 +83,7 @@ WHERE id IN (
 RETURNING id, batch_id, seq, payload, attempts, max_attempts, priority, created_at";
 
 pub(crate) const BATCH_CLAIM_INFO: &str =
-    "SELECT owner, correlation_id, started_at FROM batches WHERE id = ?1";
+    "SELECT owner, correlation_id, started_at, traceparent FROM batches WHERE id = ?1";
 
 pub(crate) const MARK_BATCH_STARTED: &str = "
 UPDATE batches SET started_at = ?2, updated_at = ?2,

@@ -157,6 +157,7 @@ fn describe(
     }
     batch.run_at = options.run_at;
     batch.correlation_id = Some(correlation::of(request));
+    batch.traceparent = correlation::traceparent_of(request);
     batch.idempotency_key = idempotency_key(request)?;
     Ok(batch)
 }

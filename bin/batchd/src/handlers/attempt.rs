@@ -18,6 +18,8 @@ pub struct Attempt<'a> {
     pub attempt: u32,
     /// Correlation id of the request that created the batch.
     pub correlation_id: Option<&'a str>,
+    /// W3C `traceparent` of the request that created the batch.
+    pub traceparent: Option<&'a str>,
     /// The item's payload, a JSON text.
     pub payload: &'a str,
     pub cancel: &'a CancellationToken,
@@ -35,6 +37,7 @@ impl<'a> Attempt<'a> {
             seq: job.seq(),
             attempt: job.attempt(),
             correlation_id: job.correlation_id(),
+            traceparent: job.traceparent(),
             payload: job.payload().get(),
             cancel: job.cancellation(),
             progress,

@@ -145,6 +145,7 @@ mod tests {
             seq: 0,
             attempt: 1,
             correlation_id: None,
+            traceparent: None,
             payload,
             cancel,
             progress: &progress,

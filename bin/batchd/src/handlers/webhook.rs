@@ -191,6 +191,15 @@ impl WebhookHandler {
             }
         }
 
+        // The delivery is a new span in the trace of the request that
+        // created the batch.
+        if let Some(parent) = attempt
+            .traceparent
+            .and_then(|value| value.parse::<telemetry::correlation::TraceContext>().ok())
+        {
+            request = request.header("traceparent", parent.child().to_string());
+        }
+
         let mut response = request
             .send()
             .await
