@@ -275,3 +275,32 @@ backoff_base_ms = 1500
         "the log spans both processes: {starts:?}"
     );
 }
+
+#[tokio::test]
+async fn unsafe_correlation_id_is_replaced() {
+    let server = Server::start(CONFIG);
+    for unsafe_id in ["has spaces", "quote\"and<tag>", &"x".repeat(200)] {
+        let response = client()
+            .get(server.url("/health"))
+            .header("X-Correlation-ID", unsafe_id)
+            .send()
+            .await
+            .unwrap();
+        let echoed = response.headers()["x-correlation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(echoed, unsafe_id);
+        assert!(
+            uuid::Uuid::parse_str(&echoed).is_ok(),
+            "a new UUID replaces {unsafe_id:?}: {echoed}"
+        );
+    }
+    let response = client()
+        .get(server.url("/health"))
+        .header("X-Correlation-ID", "req-1.a:b_c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "req-1.a:b_c");
+}

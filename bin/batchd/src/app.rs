@@ -255,7 +255,13 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         .context("the server bound no address")?;
     tokio::spawn(hub.clone().forward(queue.subscribe()));
     queue.start().await.context("cannot start the queue")?;
-    start_metrics(&metrics, &queue, store.clone(), background.clone());
+    start_metrics(
+        &metrics,
+        &queue,
+        store.clone(),
+        hub.clone(),
+        background.clone(),
+    );
     let server = server.run();
     let handle = server.handle();
     let serving = tokio::spawn(server);
@@ -278,6 +284,7 @@ fn start_metrics(
     metrics: &Arc<telemetry::Metrics>,
     queue: &Queue,
     store: Arc<SqliteStore>,
+    hub: Arc<gateway::Hub>,
     stop: CancellationToken,
 ) {
     tokio::spawn(telemetry::record_queue_events(
@@ -287,6 +294,8 @@ fn start_metrics(
 
     let depth: Arc<std::sync::Mutex<Vec<domain::QueueDepth>>> = Arc::default();
     let source = depth.clone();
+    let gauges = metrics.clone();
+    let mut websockets: usize = 0;
     metrics.set_depth_source(move || {
         source
             .lock()
@@ -309,6 +318,17 @@ fn start_metrics(
                 _ = ticker.tick() => {}
                 _ = stop.cancelled() => return,
             }
+            // The hub knows how many connections are open; the gauge
+            // follows it by the difference since the last look.
+            let open = hub.total_connections();
+            for _ in websockets..open {
+                gauges.websocket_opened();
+            }
+            for _ in open..websockets {
+                gauges.websocket_closed();
+            }
+            websockets = open;
+
             match domain::AdminStore::queue_depth(store.as_ref()).await {
                 Ok(current) => {
                     if let Ok(mut shared) = depth.lock() {

@@ -351,6 +351,11 @@ impl Hub {
         self.rooms().len()
     }
 
+    /// Number of open connections of every user.
+    pub fn total_connections(&self) -> usize {
+        self.rooms().values().map(Room::len).sum()
+    }
+
     /// Number of open connections of one user.
     pub fn connection_count(&self, user: &UserId) -> usize {
         self.rooms().get(user).map_or(0, Room::len)

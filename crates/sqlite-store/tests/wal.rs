@@ -59,7 +59,10 @@ async fn wal_stays_bounded_under_continuous_writes() {
     // (about 500 MiB in these three seconds on two cores); with it, it
     // stays within a small multiple of the 1 MiB limit. The margin allows
     // for a checkpointer thread starved by a busy machine.
-    assert!(largest < 32 * 1024 * 1024, "the WAL reached {largest} bytes");
+    assert!(
+        largest < 32 * 1024 * 1024,
+        "the WAL reached {largest} bytes"
+    );
 
     store.checkpoint().await.unwrap();
     assert_eq!(wal_bytes(&path), 0, "checkpoint truncates the WAL");

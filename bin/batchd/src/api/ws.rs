@@ -119,9 +119,6 @@ pub async fn connect(
             actix_web::http::header::HeaderValue::from_static(SUBPROTOCOL),
         );
     }
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        state.metrics.websocket_opened();
-    }
     Ok(response)
 }
 
