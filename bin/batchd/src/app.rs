@@ -296,6 +296,9 @@ fn start_metrics(
     let source = depth.clone();
     let gauges = metrics.clone();
     let mut websockets: usize = 0;
+    // Every (kind, status) ever reported, so one that drops to zero is
+    // reported as 0 instead of keeping its last value.
+    let mut seen: std::collections::HashSet<(String, domain::JobStatus)> = Default::default();
     metrics.set_depth_source(move || {
         source
             .lock()
@@ -330,7 +333,22 @@ fn start_metrics(
             websockets = open;
 
             match domain::AdminStore::queue_depth(store.as_ref()).await {
-                Ok(current) => {
+                Ok(mut current) => {
+                    for entry in &current {
+                        seen.insert((entry.kind.clone(), entry.status));
+                    }
+                    for (kind, status) in &seen {
+                        if !current
+                            .iter()
+                            .any(|d| &d.kind == kind && d.status == *status)
+                        {
+                            current.push(domain::QueueDepth {
+                                kind: kind.clone(),
+                                status: *status,
+                                count: 0,
+                            });
+                        }
+                    }
                     if let Ok(mut shared) = depth.lock() {
                         *shared = current;
                     }

@@ -150,7 +150,7 @@ impl FromRequest for AuthUser {
             Ok(user)
         })();
         if let Err(error) = &result {
-            tracing::warn!(target: "security", code = error.code, path = %request.path(), peer = ?request.peer_addr(), "authentication failed");
+            tracing::warn!(target: "security", code = error.code, path = %request.path(), peer = %request.peer_addr().map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string()), "authentication failed");
         }
         ready(result)
     }

@@ -99,7 +99,8 @@ struct Mixed {
 #[serde(rename_all = "camelCase")]
 struct Memory {
     peak_rss_mib_1000_in_flight: Option<f64>,
-    peak_rss_mib_100k_ndjson: Option<f64>,
+    /// For an NDJSON batch of the run's item count.
+    peak_rss_mib_items_ndjson: Option<f64>,
     peak_rss_mib_1m_ndjson: Option<f64>,
 }
 
@@ -125,11 +126,30 @@ fn items(n: usize) -> Vec<NewJob> {
         .collect()
 }
 
+/// Directories made by this run, removed when it ends.
+static DIRECTORIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 fn fresh_dir() -> anyhow::Result<PathBuf> {
-    Ok(tempfile::Builder::new()
+    let dir = tempfile::Builder::new()
         .prefix("batchd-bench-")
         .tempdir()?
-        .keep())
+        .keep();
+    if let Ok(mut dirs) = DIRECTORIES.lock() {
+        dirs.push(dir.clone());
+    }
+    Ok(dir)
+}
+
+fn remove_directories() {
+    let dirs = DIRECTORIES
+        .lock()
+        .map(|mut dirs| std::mem::take(&mut *dirs))
+        .unwrap_or_default();
+    for dir in dirs {
+        if let Err(error) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(%error, dir = %dir.display(), "removing a benchmark directory failed");
+        }
+    }
 }
 
 async fn fresh_store(synchronous: Synchronous) -> anyhow::Result<(Arc<SqliteStore>, PathBuf)> {
@@ -804,6 +824,12 @@ fn log(json: bool, line: impl AsRef<str>) {
 
 /// Runs the protocol and prints a table, or JSON with `--json`.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
+    let result = run_protocol(options).await;
+    remove_directories();
+    result
+}
+
+async fn run_protocol(options: BenchOptions) -> anyhow::Result<()> {
     let n = options.items.max(1);
     let json = options.json;
     let mut report = Report {
@@ -855,7 +881,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         per_second: http_rate,
         of_floor: http_rate / report.floor.insert_rows_per_second,
     });
-    report.memory.peak_rss_mib_100k_ndjson = Some(http_peak);
+    report.memory.peak_rss_mib_items_ndjson = Some(http_peak);
 
     log(
         json,
@@ -911,6 +937,7 @@ fn print_table(report: &Report) {
     );
     println!("items per run: {}", report.items);
     println!();
+    println!("enqueue is compared with the INSERT floor, drain with the UPDATE floor");
     println!("{:<44} {:>14} {:>10}", "measurement", "rate", "of floor");
     println!(
         "{:<44} {:>10.0} /s {:>10}",
@@ -958,7 +985,7 @@ fn print_table(report: &Report) {
     println!(
         "peak RSS: {} with 1,000 jobs in flight; {} for a {}-item NDJSON batch; {} for 1,000,000 items",
         show(memory.peak_rss_mib_1000_in_flight),
-        show(memory.peak_rss_mib_100k_ndjson),
+        show(memory.peak_rss_mib_items_ndjson),
         report.items,
         show(memory.peak_rss_mib_1m_ndjson)
     );

@@ -28,6 +28,13 @@ pub struct WsQuery {
     pub token: Option<String>,
 }
 
+/// The client's address for the security log.
+fn peer(request: &HttpRequest) -> String {
+    request
+        .peer_addr()
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string())
+}
+
 fn offered_token(request: &HttpRequest) -> Option<String> {
     let offers: Vec<String> = request
         .headers()
@@ -72,6 +79,7 @@ pub async fn connect(
         return Err(ApiError::forbidden("ORIGIN_NOT_ALLOWED", error.to_string()));
     }
     if query.token.is_some() {
+        tracing::warn!(target: "security", peer = %peer(&request), "websocket token in the query string refused");
         return Err(ApiError::bad_request(
             "TOKEN_IN_QUERY",
             "tokens are not accepted in the query string; use the Authorization header, the bearer subprotocol, or a ticket",
@@ -83,16 +91,23 @@ pub async fn connect(
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let from_protocol = offered_token(&request);
+    let refused = |error: ApiError| {
+        tracing::warn!(target: "security", code = error.code, peer = %peer(&request), "websocket authentication failed");
+        error
+    };
     let user = if let Some(value) = header {
-        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-            ApiError::unauthorized(
-                "TOKEN_INVALID",
-                "the Authorization header must use the Bearer scheme",
-            )
-        })?;
-        auth.verify(token.trim())?.id
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "TOKEN_INVALID",
+                    "the Authorization header must use the Bearer scheme",
+                )
+            })
+            .map_err(refused)?;
+        auth.verify(token.trim()).map_err(refused)?.id
     } else if let Some(token) = &from_protocol {
-        auth.verify(token)?.id
+        auth.verify(token).map_err(refused)?.id
     } else if let Some(ticket) = &query.ticket {
         state.tickets.redeem(ticket).map_err(|error| {
             tracing::warn!(target: "security", %error, "websocket ticket refused");
