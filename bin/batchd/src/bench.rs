@@ -375,8 +375,8 @@ async fn pickup(samples: usize, rate: u32) -> anyhow::Result<Latency> {
     Ok(latency(measured))
 }
 
-/// A steady offered load, end-to-end latency, and the database size
-/// before and after pruning what finished.
+/// Runs a steady offered load and measures end-to-end latency and the
+/// database size before and after pruning what finished.
 async fn mixed(rate: u32, seconds: u64) -> anyhow::Result<Mixed> {
     let (store, path) = fresh_store(Synchronous::Normal).await?;
     let enqueued = Arc::new(Mutex::new(HashMap::new()));
@@ -795,8 +795,8 @@ async fn crash() -> anyhow::Result<Crash> {
     })
 }
 
-/// The worker process of the crash benchmark: runs 20 ms jobs of kind
-/// `work` on `database` until it is killed.
+/// Runs the worker process of the crash benchmark: 20 ms jobs of kind
+/// `work` on `database`, until it is killed.
 pub async fn worker(database: PathBuf) -> anyhow::Result<()> {
     let store = Arc::new(SqliteStore::open(SqliteConfig::new(database)).await?);
     let handler = FnHandler(|_job: JobContext| async {

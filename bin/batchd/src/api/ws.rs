@@ -28,7 +28,7 @@ pub struct WsQuery {
     pub token: Option<String>,
 }
 
-/// The client's address for the security log.
+/// Formats the client's address for the security log.
 fn peer(request: &HttpRequest) -> String {
     request
         .peer_addr()
@@ -75,11 +75,11 @@ pub async fn connect(
         .get("origin")
         .and_then(|value| value.to_str().ok());
     if let Err(error) = state.origins.check(origin) {
-        tracing::warn!(target: "security", origin = origin.unwrap_or(""), %error, "websocket origin refused");
+        tracing::warn!(target: "security", origin = origin.unwrap_or(""), %error, "websocket origin rejected");
         return Err(ApiError::forbidden("ORIGIN_NOT_ALLOWED", error.to_string()));
     }
     if query.token.is_some() {
-        tracing::warn!(target: "security", peer = %peer(&request), "websocket token in the query string refused");
+        tracing::warn!(target: "security", peer = %peer(&request), "websocket token in the query string rejected");
         return Err(ApiError::bad_request(
             "TOKEN_IN_QUERY",
             "tokens are not accepted in the query string; use the Authorization header, the bearer subprotocol, or a ticket",
@@ -91,7 +91,7 @@ pub async fn connect(
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let from_protocol = offered_token(&request);
-    let refused = |error: ApiError| {
+    let rejected = |error: ApiError| {
         tracing::warn!(target: "security", code = error.code, peer = %peer(&request), "websocket authentication failed");
         error
     };
@@ -104,13 +104,13 @@ pub async fn connect(
                     "the Authorization header must use the Bearer scheme",
                 )
             })
-            .map_err(refused)?;
-        auth.verify(token.trim()).map_err(refused)?.id
+            .map_err(rejected)?;
+        auth.verify(token.trim()).map_err(rejected)?.id
     } else if let Some(token) = &from_protocol {
-        auth.verify(token).map_err(refused)?.id
+        auth.verify(token).map_err(rejected)?.id
     } else if let Some(ticket) = &query.ticket {
         state.tickets.redeem(ticket).map_err(|error| {
-            tracing::warn!(target: "security", %error, "websocket ticket refused");
+            tracing::warn!(target: "security", %error, "websocket ticket rejected");
             ApiError::unauthorized("TICKET_INVALID", error.to_string())
         })?
     } else {
