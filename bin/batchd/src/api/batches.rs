@@ -517,12 +517,7 @@ pub async fn list(
         .cursor
         .map(|c| c.parse::<BatchId>())
         .transpose()
-        .map_err(|_| {
-            ApiError::bad_request(
-                "INVALID_CURSOR",
-                "cursor must be the nextCursor of a previous page",
-            )
-        })?;
+        .map_err(|_| super::invalid_cursor())?;
     let filter = BatchFilter {
         status,
         kind: query.kind,
@@ -597,12 +592,7 @@ pub async fn items(
         .cursor
         .map(|c| c.parse::<u32>())
         .transpose()
-        .map_err(|_| {
-            ApiError::bad_request(
-                "INVALID_CURSOR",
-                "cursor must be the nextCursor of a previous page",
-            )
-        })?;
+        .map_err(|_| super::invalid_cursor())?;
     let filter = ItemFilter {
         status,
         cursor,

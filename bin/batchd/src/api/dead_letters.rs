@@ -49,12 +49,7 @@ pub async fn list(
         .cursor
         .map(|c| c.parse::<i64>().map(JobId))
         .transpose()
-        .map_err(|_| {
-            ApiError::bad_request(
-                "INVALID_CURSOR",
-                "cursor must be the nextCursor of a previous page",
-            )
-        })?;
+        .map_err(|_| super::invalid_cursor())?;
     let batch_id = query.batch.as_deref().map(parse_batch_id).transpose()?;
     // A batch the caller cannot see answers 404, as it does everywhere,
     // rather than an empty list that would reveal that it exists.

@@ -66,6 +66,14 @@ impl AppState {
     }
 }
 
+/// Builds the error for a listing cursor that no page returned.
+pub fn invalid_cursor() -> ApiError {
+    ApiError::bad_request(
+        "INVALID_CURSOR",
+        "cursor must be the nextCursor of a previous page",
+    )
+}
+
 /// Parses a batch id from a path; an id that cannot exist is not found.
 pub fn parse_batch_id(raw: &str) -> Result<BatchId, ApiError> {
     raw.parse()
