@@ -297,7 +297,7 @@ impl Drop for HttpReceiver {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Returns a port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

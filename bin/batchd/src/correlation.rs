@@ -17,7 +17,7 @@ tokio::task_local! {
     static CURRENT: String;
 }
 
-/// The correlation id of the request being handled, if any.
+/// Returns the correlation id of the request being handled, if any.
 pub fn current() -> Option<String> {
     CURRENT.try_with(Clone::clone).ok()
 }
@@ -31,7 +31,7 @@ pub struct CorrelationId(pub String);
 #[derive(Debug, Clone)]
 pub struct TraceParent(pub String);
 
-/// The trace context the middleware stored for `request`.
+/// Returns the trace context the middleware stored for `request`.
 pub fn traceparent_of(request: &HttpRequest) -> Option<String> {
     request
         .extensions()

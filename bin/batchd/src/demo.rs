@@ -17,7 +17,7 @@ use crate::app;
 use crate::auth::Auth;
 use crate::config::{Config, HandlerName, KindSettings};
 
-/// Longest the demo waits for its batch.
+/// Maximum time the demo waits for its batch.
 const DEADLINE: Duration = Duration::from_secs(300);
 
 /// Builds a small, valid one-page PDF naming the document number.
@@ -86,7 +86,7 @@ fn demo_config(data_dir: std::path::PathBuf, secret: String) -> Config {
         ..Config::default()
     };
     // The documents are served on loopback, which outbound handlers
-    // refuse unless told otherwise.
+    // reject unless configured otherwise.
     config.outbound.allow_loopback = true;
     // One demo user submits every item at once; the default item budget
     // would pace them at 500 a minute.

@@ -2,7 +2,7 @@
 //! each request to its route's policy and writes the rate-limit headers,
 //! and the item budget charged by batch creation.
 //!
-//! Headers on every limited response: the old API's `X-RateLimit-Limit`,
+//! Headers on every limited response: the conventional `X-RateLimit-Limit`,
 //! `X-RateLimit-Remaining`, `X-RateLimit-Window` (seconds) and
 //! `X-RateLimit-Reset` (Unix seconds when the budget is full again), and
 //! the IETF structured fields `RateLimit-Policy: "name";q=LIMIT;w=WINDOW`

@@ -2,10 +2,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Number of failed attempts kept per job. Older records are dropped first,
-/// so a job that is told to retry later for days keeps a bounded history.
+/// so a job that is asked to retry later for days keeps a bounded history.
 pub const MAX_ATTEMPT_HISTORY: usize = 25;
 
-/// Why an attempt did not succeed.
+/// Cause of an attempt's failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FailureKind {

@@ -123,7 +123,7 @@ impl BatchCounters {
     }
 }
 
-/// What a submitter asks for when creating a batch.
+/// A submitter's request to create a batch.
 #[derive(Debug, Clone)]
 pub struct NewBatch {
     pub id: BatchId,
@@ -145,14 +145,14 @@ pub struct NewBatch {
     /// batch instead of making a second one.
     pub idempotency_key: Option<String>,
     /// Digest of the request body, so a key reused for a different request
-    /// is rejected rather than silently answered with the wrong batch.
+    /// is rejected rather than silently returning the wrong batch.
     pub request_digest: Option<String>,
     /// Batches that must complete before any item of this one runs.
     pub depends_on: Vec<BatchId>,
 }
 
 impl NewBatch {
-    /// A batch with the default priority, attempts and no metadata.
+    /// Creates a batch with the default priority and attempts, and no metadata.
     pub fn new(owner: UserId, kind: impl Into<String>) -> Self {
         Self {
             id: BatchId::new(),

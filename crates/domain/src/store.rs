@@ -34,7 +34,7 @@ impl Scope {
         }
     }
 
-    /// The owner to filter by, or `None` for an operator.
+    /// Returns the owner to filter by, or `None` for an operator.
     pub fn owner(&self) -> Option<&UserId> {
         match self {
             Scope::Owner(user) => Some(user),
@@ -81,7 +81,7 @@ pub struct ClaimRequest {
     pub lease_until: DateTime<Utc>,
 }
 
-/// What the worker learned from one attempt.
+/// The result of one attempt as the worker observed it.
 #[derive(Debug, Clone)]
 pub struct AttemptOutcome {
     pub lease: LeaseRef,
@@ -259,7 +259,7 @@ pub struct ReapReport {
     pub changes: ChangeSet,
 }
 
-/// Which finished batches retention removes.
+/// Selection of the finished batches that retention removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PruneRequest {
     /// Completed batches that finished before this time.
@@ -312,7 +312,7 @@ pub struct DeadLetterFilter {
     pub limit: u32,
 }
 
-/// Which dead jobs to send back to the queue.
+/// Selection of dead jobs to send back to the queue.
 #[derive(Debug, Clone)]
 pub enum RedriveSelection {
     Jobs(Vec<JobId>),
@@ -421,7 +421,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// Marks batch-finished events as delivered.
     async fn ack_finishes(&self, outbox_ids: &[i64]) -> Result<(), StoreError>;
 
-    /// The kinds an operator has paused.
+    /// Returns the kinds an operator has paused.
     async fn kind_controls(&self) -> Result<Vec<KindControl>, StoreError>;
 }
 

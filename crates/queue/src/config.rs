@@ -8,14 +8,14 @@ use serde::Deserialize;
 pub struct QueueConfig {
     /// Label used in lease owner names, usually the host name.
     pub node_label: String,
-    /// How long a claim holds a job before another worker may take it.
+    /// How long a claim keeps a job before another worker may take it.
     pub lease_duration: Duration,
     /// How often running jobs' leases are extended. Must be well under
     /// `lease_duration`, so a slow tick does not lose a live lease.
     pub heartbeat_interval: Duration,
     /// How often expired leases are looked for.
     pub reap_interval: Duration,
-    /// Longest a worker waits before looking for work it was not told of,
+    /// Maximum wait before a worker looks for work it was not notified of,
     /// such as jobs enqueued by another process.
     pub poll_interval: Duration,
     /// Most jobs one claim takes.
@@ -25,7 +25,7 @@ pub struct QueueConfig {
     pub shutdown_grace: Duration,
     pub retention: RetentionConfig,
     /// Capacity of the event channel; a subscriber that falls further
-    /// behind misses events and is told how many.
+    /// behind misses events and receives their count.
     pub event_capacity: usize,
     /// Seed for the backoff jitter, so tests can repeat a schedule.
     pub jitter_seed: Option<u64>,
@@ -154,7 +154,7 @@ impl RetryPolicy {
         nominal.mul_f64(factor.max(0.0))
     }
 
-    /// Whether a job that just failed attempt `attempt` may run again.
+    /// Returns whether a job that just failed attempt `attempt` may run again.
     pub fn has_attempts_left(&self, attempt: u32, max_attempts: u32) -> bool {
         attempt < max_attempts
     }

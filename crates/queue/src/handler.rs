@@ -19,7 +19,7 @@ pub trait JobHandler: Send + Sync + 'static {
     async fn run(&self, job: JobContext) -> Result<Option<Box<RawValue>>, HandlerError>;
 }
 
-/// Why an attempt did not succeed, as the handler sees it.
+/// Failure of an attempt, as the handler reports it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HandlerError {
     /// Worth another attempt (a timeout, a 503). Counts against the job's
@@ -30,7 +30,7 @@ pub enum HandlerError {
     /// job at once.
     #[error("{0}")]
     Permanent(String),
-    /// Run again after `delay`, as an upstream 429 with Retry-After asks.
+    /// Run again after `delay`, as an upstream 429 with Retry-After requests.
     /// Recorded in the history but not counted as a failed attempt.
     #[error("retry after {delay:?}: {reason}")]
     RetryAfter { delay: Duration, reason: String },

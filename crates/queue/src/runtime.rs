@@ -38,7 +38,7 @@ pub enum QueueError {
     Store(#[from] StoreError),
 }
 
-/// Why a running job's cancellation token fired.
+/// Cause of a running job's cancellation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum CancelReason {
@@ -243,7 +243,7 @@ impl QueueBuilder {
     }
 }
 
-/// What a graceful shutdown did.
+/// Summary of a graceful shutdown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// Jobs still running when the grace period ended, given back unrun.
@@ -306,7 +306,7 @@ impl Queue {
         lock(&self.inner.inflight).len()
     }
 
-    /// A batch description with the kind's retry settings filled in.
+    /// Builds a batch description with the kind's retry settings filled in.
     pub fn new_batch(&self, owner: UserId, kind: &str) -> Result<NewBatch, QueueError> {
         let state = self.kind(kind)?;
         let mut batch = NewBatch::new(owner, kind);

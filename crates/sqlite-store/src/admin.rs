@@ -357,7 +357,7 @@ impl AdminStore for SqliteStore {
 
         let mut report = PruneReport::default();
         for batch_id in batch_ids {
-            // Hidden first, so nobody reads a batch whose jobs are half gone;
+            // Hidden first, so no read returns a batch whose jobs are half gone, and
             // start-up recovery deletes the rest if the process dies here.
             let id = batch_id.clone();
             self.writer()
@@ -396,7 +396,7 @@ impl AdminStore for SqliteStore {
 
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
         self.read("count queue depth", |conn| {
-            // One query per state, each answered from that state's partial
+            // One query per state, each served by that state's partial
             // index, so the cost follows the live work and not the history.
             let queries: [(JobStatus, &str); 5] = [
                 (

@@ -47,7 +47,7 @@ mod embedded {
     refinery::embed_migrations!("../../migrations/sqlite");
 }
 
-/// How hard SQLite works to keep a commit on disk.
+/// Durability level of a commit (SQLite's `synchronous` setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
     /// A commit survives a process crash; the last commits before a power

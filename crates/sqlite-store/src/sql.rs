@@ -282,3 +282,18 @@ pub(crate) const JOB_COLUMNS: &str = "
 id, batch_id, seq, kind, payload, status, priority, attempts, max_attempts, blockers, run_at,
 lease_owner, lease_expires_at, progress, last_error, errors, result, created_at,
 attempted_at, finished_at";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `concat!` cannot read a constant, so the history cap is written into
+    /// the SQL by hand; this keeps it equal to the domain's.
+    #[test]
+    fn history_cap_matches_the_domain() {
+        let cap = format!(">= {} THEN", domain::MAX_ATTEMPT_HISTORY);
+        for query in [RETRY, DIE, REQUEUE_EXPIRED, KILL_EXPIRED] {
+            assert!(query.contains(&cap), "{query}");
+        }
+    }
+}
