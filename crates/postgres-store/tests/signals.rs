@@ -1,0 +1,79 @@
+//! Connecting, migrating and LISTEN/NOTIFY against the local PostgreSQL.
+
+use std::time::Duration;
+
+use postgres_store::{PgConfig, PgStore, Signal, testing};
+use tokio::sync::broadcast;
+
+async fn next_signal(receiver: &mut broadcast::Receiver<Signal>) -> Signal {
+    loop {
+        let signal = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .expect("a signal within 10 s")
+            .expect("the signal channel stays open");
+        if signal != Signal::Resync {
+            return signal;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_processes_migrate_the_same_fresh_schema() {
+    let config = testing::isolated_config();
+    let (first, second) = tokio::join!(
+        PgStore::connect(config.clone()),
+        PgStore::connect(config.clone())
+    );
+    first.expect("first store connects");
+    second.expect("second store connects");
+    testing::drop_schema(config.schema.as_deref().unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_signal_reaches_every_store_on_the_schema_and_no_other() {
+    let config = testing::isolated_config();
+    let sender = PgStore::connect(config.clone()).await.unwrap();
+    let peer = PgStore::connect(config.clone()).await.unwrap();
+    let stranger = PgStore::connect(testing::isolated_config()).await.unwrap();
+
+    let mut at_peer = peer.signals();
+    let mut at_stranger = stranger.signals();
+    // The first signal on a new subscription is the listener's resync.
+    assert_eq!(at_peer.recv().await.unwrap(), Signal::Resync);
+    assert_eq!(at_stranger.recv().await.unwrap(), Signal::Resync);
+
+    let signal = Signal::Wake {
+        kinds: vec!["webhook".to_owned()],
+    };
+    sender.publish(&signal).await.unwrap();
+    assert_eq!(next_signal(&mut at_peer).await, signal);
+
+    // A marker sent on the stranger's own schema arrives, and nothing of
+    // the first schema arrived before it.
+    let marker = Signal::KindControls;
+    stranger.publish(&marker).await.unwrap();
+    assert_eq!(next_signal(&mut at_stranger).await, marker);
+}
+
+#[tokio::test]
+async fn an_oversized_signal_is_refused_with_a_reason() {
+    let store = PgStore::connect(testing::isolated_config()).await.unwrap();
+    let error = store
+        .publish(&Signal::Relay {
+            origin: "p".to_owned(),
+            payload: "x".repeat(8_000),
+        })
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("signal"), "{error}");
+}
+
+#[tokio::test]
+async fn a_bad_url_is_a_clear_error() {
+    let error = PgStore::connect(PgConfig::new("postgres://[not a host"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("connection string"), "{error}");
+}
