@@ -151,7 +151,7 @@ pub struct JobChange {
 }
 
 /// A batch's counters after a committed write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchProgress {
     pub batch_id: BatchId,

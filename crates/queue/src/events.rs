@@ -1,11 +1,11 @@
 use chrono::{DateTime, Utc};
 use domain::{BatchFinished, BatchId, BatchProgress, JobId, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Something that happened to a job or a batch, published only after the
 /// state it describes has been committed. Every event names its owner, so
 /// a consumer can route it to that user alone.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum QueueEvent {
     #[serde(rename = "job.queued")]
@@ -63,7 +63,7 @@ impl QueueEvent {
 }
 
 /// Details of a job event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobEvent {
     pub job_id: JobId,
@@ -80,4 +80,56 @@ pub struct JobEvent {
     pub run_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::{BatchCounters, BatchProgress, BatchStatus};
+
+    use super::*;
+
+    /// Events cross process boundaries as JSON, so every variant must read
+    /// back as what was written.
+    #[test]
+    fn events_round_trip_as_json() {
+        let job = JobEvent {
+            job_id: JobId(7),
+            batch_id: BatchId::new(),
+            owner: UserId::new("alice"),
+            kind: "webhook".to_owned(),
+            seq: 3,
+            attempt: 2,
+            progress: Some(40),
+            error: Some("HTTP 503".to_owned()),
+            run_at: Some(Utc::now()),
+            correlation_id: Some("req-1".to_owned()),
+        };
+        let events = vec![
+            QueueEvent::JobQueued(job.clone()),
+            QueueEvent::JobRetry(job.clone()),
+            QueueEvent::JobCompleted(JobEvent {
+                progress: None,
+                error: None,
+                run_at: None,
+                correlation_id: None,
+                ..job
+            }),
+            QueueEvent::BatchProgress(BatchProgress {
+                batch_id: BatchId::new(),
+                owner: UserId::new("bob"),
+                kind: "fetch".to_owned(),
+                status: BatchStatus::Processing,
+                counters: BatchCounters {
+                    item_count: 10,
+                    succeeded: 4,
+                    failed: 1,
+                    cancelled: 0,
+                },
+                correlation_id: None,
+            }),
+        ];
+        let text = serde_json::to_string(&events).unwrap();
+        let back: Vec<QueueEvent> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, events);
+    }
 }
