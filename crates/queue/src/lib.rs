@@ -29,6 +29,7 @@ mod config;
 mod events;
 mod handler;
 mod runtime;
+mod shared_rate;
 mod throttle;
 
 pub use config::{KindConfig, KindConfigs, QueueConfig, Rate, RetentionConfig, RetryPolicy};

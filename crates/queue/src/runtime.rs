@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use domain::{
     AdminStore, AttemptOutcome, Batch, BatchId, BeginOutcome, ChangeSet, ClaimRequest, ClaimedJob,
-    Clock, CreatedBatch, FailureKind, JobChange, JobId, JobStatus, JobStore, LeaseOwner, LeaseRef,
-    NewBatch, NewJob, OutcomeKind, OutcomeResult, ProgressUpdate, PruneRequest, RedriveReport,
-    RedriveSelection, Scope, StagingBatch, StoreError, SystemClock, UserId,
+    Clock, CreatedBatch, FailureKind, GcraParams, JobChange, JobId, JobStatus, JobStore,
+    LeaseOwner, LeaseRef, NewBatch, NewJob, OutcomeKind, OutcomeResult, ProgressUpdate,
+    PruneRequest, RateLimitStore, RedriveReport, RedriveSelection, Scope, StagingBatch, StoreError,
+    SystemClock, UserId,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{KindConfig, QueueConfig};
+use crate::config::{KindConfig, QueueConfig, Rate};
 use crate::events::{JobEvent, QueueEvent};
 use crate::handler::{HandlerError, JobContext, JobHandler, ProgressReporter, SharedHandler};
+use crate::shared_rate::{self, SharedRates};
 use crate::throttle::Throttle;
 
 /// A store the queue can run on: the hot path and the admin side together.
@@ -109,12 +111,17 @@ struct KindState {
     slots: Arc<Semaphore>,
     throttle: Option<Mutex<Throttle>>,
     user_throttle: Option<Mutex<Throttle>>,
+    /// The kind's and each owner's rate, kept in the store instead of
+    /// `throttle` and `user_throttle` when rates are shared.
+    shared_rate: Option<GcraParams>,
+    shared_user_rate: Option<GcraParams>,
 }
 
 struct Inner {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: QueueConfig,
+    shared_rates: Option<SharedRates>,
     owner: LeaseOwner,
     kinds: HashMap<String, KindState>,
     events: broadcast::Sender<QueueEvent>,
@@ -147,6 +154,7 @@ pub struct QueueBuilder {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: QueueConfig,
+    shared_rates: Option<SharedRates>,
     kinds: HashMap<String, (SharedHandler, KindConfig)>,
 }
 
@@ -165,8 +173,18 @@ impl QueueBuilder {
             store,
             clock: Arc::new(SystemClock),
             config: QueueConfig::default(),
+            shared_rates: None,
             kinds: HashMap::new(),
         }
+    }
+
+    /// Keeps the processing rates of every kind (`rate` and
+    /// `per_user_rate`) in `store`, so that all processes sharing it share
+    /// each budget. Without it each process enforces the rates for itself,
+    /// which is exact, and cheaper, for a single process.
+    pub fn shared_rates(mut self, store: Arc<dyn RateLimitStore>) -> Self {
+        self.shared_rates = Some(SharedRates::new(store));
+        self
     }
 
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -203,13 +221,21 @@ impl QueueBuilder {
             .kinds
             .into_iter()
             .map(|(name, (handler, config))| {
+                let shared = self.shared_rates.is_some();
+                let local = |rate: Option<Rate>| {
+                    rate.filter(|_| !shared)
+                        .map(|rate| Mutex::new(Throttle::new(rate)))
+                };
                 let state = KindState {
                     handler,
                     slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
-                    throttle: config.rate.map(|rate| Mutex::new(Throttle::new(rate))),
-                    user_throttle: config
+                    throttle: local(config.rate),
+                    user_throttle: local(config.per_user_rate),
+                    shared_rate: config.rate.filter(|_| shared).map(shared_rate::params),
+                    shared_user_rate: config
                         .per_user_rate
-                        .map(|rate| Mutex::new(Throttle::new(rate))),
+                        .filter(|_| shared)
+                        .map(shared_rate::params),
                     config,
                     wake: Notify::new(),
                     paused: AtomicBool::new(false),
@@ -222,6 +248,7 @@ impl QueueBuilder {
             inner: Arc::new(Inner {
                 store: self.store,
                 clock: self.clock,
+                shared_rates: self.shared_rates,
                 owner: LeaseOwner::unique(&self.config.node_label),
                 config: self.config,
                 kinds,
@@ -462,6 +489,28 @@ impl Queue {
         state.wake.notify_one();
         tracing::info!(kind, "kind resumed");
         Ok(())
+    }
+
+    /// Wakes the idle workers of these kinds, for jobs another process
+    /// made runnable. Unknown kinds are ignored.
+    pub fn wake(&self, kinds: &[String]) {
+        for kind in kinds {
+            self.inner.wake(kind);
+        }
+    }
+
+    /// Wakes every kind's workers and the promoter, after signals from
+    /// other processes may have been missed.
+    pub fn wake_all(&self) {
+        for state in self.inner.kinds.values() {
+            state.wake.notify_one();
+        }
+        self.inner.promoter_wake.notify_one();
+    }
+
+    /// Re-reads which kinds are paused, after another process changed it.
+    pub async fn refresh_controls(&self) {
+        self.inner.refresh_controls().await;
     }
 
     pub fn is_paused(&self, kind: &str) -> bool {
@@ -806,6 +855,7 @@ impl Inner {
             slots.truncate(jobs.len());
             let drained = jobs.len() < wanted as usize;
 
+            let jobs = self.charge_shared_rates(kind, &kind_name, jobs).await;
             for (job, slot) in jobs.into_iter().zip(slots) {
                 self.start_job(kind, job, slot);
             }
@@ -813,6 +863,86 @@ impl Inner {
             if drained {
                 self.idle_wait(kind, self.config.poll_interval).await;
             }
+        }
+    }
+
+    /// Charges claimed jobs to the kind's and their owners' shared rates
+    /// and defers those that find no budget. Returns the jobs to run.
+    async fn charge_shared_rates(
+        self: &Arc<Self>,
+        kind: &KindState,
+        kind_name: &str,
+        mut jobs: Vec<ClaimedJob>,
+    ) -> Vec<ClaimedJob> {
+        let Some(shared) = &self.shared_rates else {
+            return jobs;
+        };
+        let now = self.now();
+
+        if let Some(params) = kind.shared_rate {
+            let wanted = jobs.len() as u32;
+            let checked = shared
+                .take_up_to(shared_rate::KIND_POLICY, kind_name, wanted, params, now)
+                .await;
+            let (granted, wait) = self.granted_or_deferred(checked, kind_name, wanted);
+            let over = jobs.split_off((granted as usize).min(jobs.len()));
+            self.defer_all(over, now, wait);
+        }
+
+        if let Some(params) = kind.shared_user_rate {
+            let mut by_owner: Vec<(UserId, Vec<ClaimedJob>)> = Vec::new();
+            for job in jobs.drain(..) {
+                match by_owner.iter_mut().find(|(owner, _)| *owner == job.owner) {
+                    Some((_, group)) => group.push(job),
+                    None => by_owner.push((job.owner.clone(), vec![job])),
+                }
+            }
+            for (owner, mut group) in by_owner {
+                let key = format!("{kind_name}:{owner}");
+                let wanted = group.len() as u32;
+                let checked = shared
+                    .take_up_to(shared_rate::USER_POLICY, &key, wanted, params, now)
+                    .await;
+                let (granted, wait) = self.granted_or_deferred(checked, &key, wanted);
+                let over = group.split_off((granted as usize).min(group.len()));
+                self.defer_all(over, now, wait);
+                jobs.extend(group);
+            }
+        }
+        jobs
+    }
+
+    /// Reads a shared-rate answer. When the store cannot answer, nothing
+    /// is granted: running past a limit that protects someone else is
+    /// worse than a short delay.
+    fn granted_or_deferred(
+        &self,
+        checked: Result<(u32, Option<Duration>), StoreError>,
+        key: &str,
+        wanted: u32,
+    ) -> (u32, Duration) {
+        match checked {
+            Ok((granted, wait)) => (granted, wait.unwrap_or(self.config.poll_interval)),
+            Err(error) => {
+                tracing::warn!(%error, key, jobs = wanted, "checking a shared processing rate failed; deferring the jobs");
+                (0, self.config.poll_interval)
+            }
+        }
+    }
+
+    /// Gives claimed jobs back until `wait` has passed, without counting
+    /// the attempt.
+    fn defer_all(self: &Arc<Self>, jobs: Vec<ClaimedJob>, now: DateTime<Utc>, wait: Duration) {
+        let run_at = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
+        for job in jobs {
+            tracing::debug!(job_id = %job.id, owner = %job.owner, ?wait, "job deferred by a shared processing rate");
+            self.track(&job);
+            self.finish(AttemptOutcome {
+                lease: job.lease.clone(),
+                started_at: now,
+                duration_ms: 0,
+                kind: OutcomeKind::Deferred { run_at },
+            });
         }
     }
 

@@ -440,6 +440,72 @@ async fn per_user_rate_defers_without_counting_attempts() {
 }
 
 #[tokio::test]
+async fn two_queues_share_a_kind_rate_through_the_store() {
+    let path = temp_db();
+    let store = open(&path).await;
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    // 10 per second with a burst of 2, for both queues together: 12 jobs
+    // take about a second however many queues run them.
+    let config = KindConfig {
+        rate: Some(Rate {
+            max: 10,
+            per: Duration::from_secs(1),
+            burst: Some(2),
+        }),
+        concurrency: 8,
+        ..KindConfig::default()
+    };
+    let mut queues = Vec::new();
+    for _ in 0..2 {
+        let seen = starts.clone();
+        let handler = FnHandler(move |_job: JobContext| {
+            seen.lock().unwrap().push(Instant::now());
+            std::future::ready(Ok(None))
+        });
+        let queue = Queue::builder(store.clone())
+            .config(fast_config())
+            .shared_rates(store.clone())
+            .register("pdf", handler, config.clone())
+            .build();
+        queues.push(queue);
+    }
+    let mut events = queues[0].subscribe();
+    for queue in &queues {
+        queue.start().await.unwrap();
+    }
+
+    let began = Instant::now();
+    let batch = submit(&queues[0], "pdf", 12).await;
+    wait_finished(&mut events, batch, Duration::from_secs(10)).await;
+
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(starts.len(), 12, "each job ran once");
+    let early = starts
+        .iter()
+        .filter(|t| **t - began < Duration::from_millis(150))
+        .count();
+    assert!(early <= 3, "{early} starts in the first 150 ms across both queues");
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "finished after {:?}",
+        began.elapsed()
+    );
+    let jobs = queues[0]
+        .store()
+        .list_items(&Scope::Admin, batch, Default::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        jobs.iter().all(|j| j.attempts == 1 && j.errors.is_empty()),
+        "deferred jobs keep their attempt count"
+    );
+    for queue in &queues {
+        queue.shutdown().await;
+    }
+}
+
+#[tokio::test]
 async fn paused_kind_is_not_claimed_until_resumed() {
     let path = temp_db();
     let queue = Queue::builder(open(&path).await)
