@@ -158,6 +158,14 @@ impl From<StoreError> for ApiError {
                 "SHUTTING_DOWN",
                 "the server is shutting down; retry against another instance or after restart",
             ),
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %ErrorChain(&error), "the database is unreachable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "STORE_UNAVAILABLE",
+                    "the database is unreachable at the moment; retry shortly, with the same Idempotency-Key when creating a batch",
+                )
+            }
             StoreError::Corrupt { .. } | StoreError::Backend { .. } => {
                 ApiError::internal(&ErrorChain(&error))
             }

@@ -53,6 +53,17 @@ pub enum StoreError {
     #[error("stored {what} is corrupt: {value:?}")]
     Corrupt { what: &'static str, value: String },
 
+    /// The database cannot be reached right now: no connection could be
+    /// had in time, or the one in use was lost. The same request may
+    /// succeed shortly; a write whose connection was lost during commit
+    /// may or may not have been applied.
+    #[error("database operation {operation} failed: the database is unreachable; retry shortly")]
+    Unavailable {
+        operation: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The database failed.
     #[error("database operation {operation} failed")]
     Backend {
@@ -67,6 +78,16 @@ impl StoreError {
         StoreError::NotFound {
             entity,
             id: id.to_string(),
+        }
+    }
+
+    pub fn unavailable(
+        operation: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Unavailable {
+            operation,
+            source: Box::new(source),
         }
     }
 

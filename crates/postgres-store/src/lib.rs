@@ -264,11 +264,14 @@ impl PgStore {
         &self,
         operation: &'static str,
     ) -> Result<deadpool_postgres::Object, domain::StoreError> {
-        self.inner
-            .pool
-            .get()
-            .await
-            .map_err(|source| domain::StoreError::backend(operation, source))
+        self.inner.pool.get().await.map_err(|source| match source {
+            // No connection within the wait, or none could be opened: the
+            // server is down, unreachable or out of connections.
+            deadpool_postgres::PoolError::Timeout(_) | deadpool_postgres::PoolError::Backend(_) => {
+                domain::StoreError::unavailable(operation, source)
+            }
+            other => domain::StoreError::backend(operation, other),
+        })
     }
 
     /// Deletes staging batches whose writer went quiet, which only happens

@@ -36,7 +36,10 @@ pub enum Signal {
     /// Events a process relays to the others, in the relaying
     /// application's own encoding. `origin` names the sender, so it can
     /// skip its own.
-    Relay { origin: String, payload: String },
+    Relay {
+        origin: String,
+        payload: serde_json::Value,
+    },
     /// The listener reconnected: signals may have been missed, so
     /// subscribers should re-read what they cache. Never sent by a process.
     #[serde(skip)]
@@ -217,7 +220,7 @@ mod tests {
             Signal::KindControls,
             Signal::Relay {
                 origin: "p1".into(),
-                payload: "[1,2]".into(),
+                payload: serde_json::json!([1, 2]),
             },
         ] {
             let text = serde_json::to_string(&signal).unwrap();

@@ -63,7 +63,7 @@ async fn an_oversized_signal_is_refused_with_a_reason() {
     let error = store
         .publish(&Signal::Relay {
             origin: "p".to_owned(),
-            payload: "x".repeat(8_000),
+            payload: serde_json::Value::String("x".repeat(8_000)),
         })
         .await
         .unwrap_err();
