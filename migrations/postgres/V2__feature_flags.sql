@@ -2,7 +2,9 @@
 -- Times are milliseconds since the Unix epoch.
 
 CREATE TABLE feature_flags (
-    name       TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+    -- Byte order whatever the database's collation, so listings sort as
+    -- the SQLite store and the flag name type do.
+    name       TEXT COLLATE "C" PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
     enabled    BOOLEAN NOT NULL,
     rollout    SMALLINT NOT NULL CHECK (rollout BETWEEN 0 AND 100),
     -- JSON arrays of user ids, sorted and without duplicates.
@@ -45,8 +47,8 @@ INSERT INTO feature_flag_revision (id, revision) VALUES (1, 1);
 INSERT INTO feature_flags (name, enabled, rollout, version, created_at, updated_at)
 VALUES (
     'batch_operations', TRUE, 100, 1,
-    (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT,
-    (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+    (extract(epoch FROM now()) * 1000)::BIGINT,
+    (extract(epoch FROM now()) * 1000)::BIGINT
 );
 
 -- The "after" JSON has the shape the store writes for every other change,

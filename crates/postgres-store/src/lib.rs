@@ -36,7 +36,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+mod flags;
 mod notify;
+mod ratelimit;
 pub mod testing;
 
 pub use notify::{MAX_SIGNAL_BYTES, Signal};

@@ -8,11 +8,18 @@
 //!
 //! The suite assumes the backend inserts batches in chunks of at most 500
 //! items, so the 1,200-item batches here take the multi-transaction path.
+//!
+//! The [`flags`] and [`ratelimit`] modules hold the suites of `FlagStore`
+//! and `RateLimitStore`, run through [`flag_conformance_tests!`] and
+//! [`rate_limit_conformance_tests!`].
 
 #![allow(
     clippy::unwrap_used,
     reason = "test support: a failed unwrap is a failed check"
 )]
+
+pub mod flags;
+pub mod ratelimit;
 
 use chrono::{DateTime, Duration, Utc};
 use domain::{
