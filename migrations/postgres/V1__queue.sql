@@ -23,6 +23,10 @@ CREATE TABLE batches (
     run_at           BIGINT,
     cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
     generation       INTEGER NOT NULL DEFAULT 0,
+    -- Counts the counter updates; every event about the batch carries it,
+    -- so a consumer hearing of the batch from several processes can tell
+    -- an older update from a newer one.
+    revision         BIGINT NOT NULL DEFAULT 0,
     -- Unmet batch dependencies; the batch's items are held while non-zero.
     waiting_on       INTEGER NOT NULL DEFAULT 0,
     config           TEXT NOT NULL DEFAULT '{}',

@@ -161,6 +161,11 @@ pub struct BatchProgress {
     #[serde(flatten)]
     pub counters: BatchCounters,
     pub correlation_id: Option<String>,
+    /// How many counter updates the batch has had, this one included.
+    /// Strictly increasing per batch across every process on the store,
+    /// so a consumer can drop an update older than one it has seen.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// A batch reaching a terminal state, as recorded in the outbox in the same
@@ -179,6 +184,11 @@ pub struct BatchFinished {
     pub generation: u32,
     pub correlation_id: Option<String>,
     pub finished_at: DateTime<Utc>,
+    /// The batch's revision at the update that finished it; see
+    /// [`BatchProgress::revision`]. 0 in events recorded before revisions
+    /// existed.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Everything a committed write changed that someone may want to hear of.

@@ -91,6 +91,11 @@ struct ConnectionState {
     /// or snapshot of that generation follows it and a repeated delivery of
     /// the same finish is dropped.
     finished: HashMap<BatchId, u32>,
+    /// The highest batch revision seen for each batch. Events of one batch
+    /// can come from several processes and arrive out of order; one older
+    /// than what was already seen is dropped, so progress never goes back
+    /// and nothing stale follows the final state.
+    revisions: HashMap<BatchId, u64>,
 }
 
 impl ConnectionState {
@@ -102,6 +107,29 @@ impl ConnectionState {
             self.finished.remove(&forgotten);
         }
         self.finished.insert(batch_id, generation);
+    }
+
+    /// Records `revision` for a batch; returns false when a later event,
+    /// or with `strict` the same one, was already seen. Revision 0
+    /// (unknown) always passes.
+    fn advance_revision(&mut self, batch_id: BatchId, revision: u64, strict: bool) -> bool {
+        if revision == 0 {
+            return true;
+        }
+        if let Some(seen) = self.revisions.get_mut(&batch_id) {
+            if *seen > revision || (strict && *seen == revision) {
+                return false;
+            }
+            *seen = revision;
+            return true;
+        }
+        if self.revisions.len() >= MAX_FINISHED_MARKS
+            && let Some(forgotten) = self.revisions.keys().next().copied()
+        {
+            self.revisions.remove(&forgotten);
+        }
+        self.revisions.insert(batch_id, revision);
+        true
     }
 }
 
@@ -165,6 +193,9 @@ impl ConnectionShared {
 
         match event {
             QueueEvent::BatchProgress(progress) => {
+                if !state.advance_revision(batch_id, progress.revision, true) {
+                    return;
+                }
                 if state.finished.contains_key(&batch_id) {
                     if progress.status.is_terminal() {
                         // The finished message of this generation is already out.
@@ -178,6 +209,10 @@ impl ConnectionShared {
             QueueEvent::BatchFinished(finished) => {
                 let seen = state.finished.get(&batch_id).copied();
                 if seen.is_some_and(|generation| generation >= finished.generation) {
+                    return;
+                }
+                // The finishing commit's own progress has the same revision.
+                if !state.advance_revision(batch_id, finished.revision, false) {
                     return;
                 }
                 state.outbox.discard_progress(batch_id);
@@ -266,6 +301,7 @@ impl Hub {
                 subscriptions: Subscriptions::default(),
                 outbox: Outbox::new(limits),
                 finished: HashMap::new(),
+                revisions: HashMap::new(),
             }),
             wake: Notify::new(),
             closed: CancellationToken::new(),

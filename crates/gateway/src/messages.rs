@@ -430,6 +430,7 @@ mod tests {
                 cancelled: 0,
             },
             correlation_id: None,
+            revision: 3,
         };
         let json: serde_json::Value = serde_json::from_str(
             &ServerMessage::from_event(&QueueEvent::BatchProgress(progress.clone())).to_json(),

@@ -188,6 +188,7 @@ async fn websocket_delivers_own_batch_updates() {
             ..BatchCounters::default()
         },
         correlation_id: None,
+        revision: 2,
     }));
     assert_eq!(receive(&mut alice_socket).await["type"], "job.completed");
     let progress = receive(&mut alice_socket).await;
@@ -208,6 +209,7 @@ async fn websocket_delivers_own_batch_updates() {
         generation: 0,
         correlation_id: None,
         finished_at: Utc::now(),
+        revision: 3,
     }));
     let finished = receive(&mut alice_socket).await;
     assert_eq!(finished["type"], "batch.finished");

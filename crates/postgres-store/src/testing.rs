@@ -17,7 +17,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test"
 const SCHEMA_PREFIX: &str = "batchd_test_";
 
 /// Schemas older than this are left over from earlier runs and dropped.
-const STALE_AFTER_SECS: u64 = 6 * 60 * 60;
+const STALE_AFTER_SECS: u64 = 60 * 60;
 
 /// The test database's URL.
 pub fn database_url() -> String {
@@ -40,7 +40,7 @@ pub fn isolated_config() -> PgConfig {
     PgConfig::new(database_url()).schema(unique_schema())
 }
 
-/// Drops test schemas created more than a few hours ago. Tests call it
+/// Drops test schemas created more than an hour ago. Tests call it
 /// now and then so the test database does not grow without bound; a
 /// schema still in use by a running test is never that old.
 pub async fn drop_stale_schemas() -> Result<u64, tokio_postgres::Error> {

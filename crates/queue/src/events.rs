@@ -126,6 +126,7 @@ mod tests {
                     cancelled: 0,
                 },
                 correlation_id: None,
+                revision: 9,
             }),
         ];
         let text = serde_json::to_string(&events).unwrap();

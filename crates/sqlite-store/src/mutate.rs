@@ -303,6 +303,7 @@ impl<'c> Mutation<'c> {
                             generation: row.get(8)?,
                             correlation_id: row.get(9)?,
                             accepted: row.get(10)?,
+                            revision: row.get::<_, i64>(11)? as u64,
                         })
                     },
                 )
@@ -357,6 +358,7 @@ impl<'c> Mutation<'c> {
             status: new_status,
             counters: row.counters,
             correlation_id: row.correlation_id.clone(),
+            revision: row.revision,
         };
         match self
             .changes
@@ -387,6 +389,7 @@ impl<'c> Mutation<'c> {
             generation,
             correlation_id: row.correlation_id.clone(),
             finished_at: self.now,
+            revision: row.revision,
         };
         let stored = serde_json::to_string(&event)
             .map_err(|source| StoreError::backend("encode outbox event", source))?;
@@ -467,6 +470,7 @@ struct CounterRow {
     generation: u32,
     correlation_id: Option<String>,
     accepted: bool,
+    revision: u64,
 }
 
 pub(crate) fn parse_batch_id(id: &str) -> Result<BatchId, StoreError> {

@@ -179,10 +179,11 @@ pub(crate) const RUNNING_IN_BATCH: &str =
 
 pub(crate) const APPLY_COUNTERS: &str = "
 UPDATE batches
-SET succeeded = succeeded + ?2, failed = failed + ?3, cancelled = cancelled + ?4, updated_at = ?5
+SET succeeded = succeeded + ?2, failed = failed + ?3, cancelled = cancelled + ?4, updated_at = ?5,
+    revision = revision + 1
 WHERE id = ?1
 RETURNING owner, kind, item_count, succeeded, failed, cancelled, started_at IS NOT NULL,
-          status, generation, correlation_id, accepted";
+          status, generation, correlation_id, accepted, revision";
 
 pub(crate) const SET_BATCH_STATUS: &str = "
 UPDATE batches SET status = ?2, finished_at = ?3, generation = ?4, updated_at = ?5 WHERE id = ?1";

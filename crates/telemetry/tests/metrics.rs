@@ -38,6 +38,7 @@ fn batch_finished(kind: &str, batch_id: BatchId, status: BatchStatus) -> BatchFi
         generation: 0,
         correlation_id: None,
         finished_at: Utc::now() + chrono::Duration::seconds(10),
+        revision: 1,
     }
 }
 

@@ -73,6 +73,17 @@ fn batch(owner: &UserId, item_count: u64) -> Batch {
 }
 
 fn progress(owner: &UserId, batch_id: BatchId, succeeded: u64, item_count: u64) -> QueueEvent {
+    progress_at(owner, batch_id, succeeded, item_count, 0)
+}
+
+/// Progress carrying a batch revision, as stores since revisions send it.
+fn progress_at(
+    owner: &UserId,
+    batch_id: BatchId,
+    succeeded: u64,
+    item_count: u64,
+    revision: u64,
+) -> QueueEvent {
     let counters = BatchCounters {
         item_count,
         succeeded,
@@ -85,6 +96,7 @@ fn progress(owner: &UserId, batch_id: BatchId, succeeded: u64, item_count: u64) 
         status: counters.status(true),
         counters,
         correlation_id: None,
+        revision,
     })
 }
 
@@ -103,6 +115,7 @@ fn finished(owner: &UserId, batch_id: BatchId, item_count: u64, generation: u32)
         generation,
         correlation_id: None,
         finished_at: Utc::now(),
+        revision: 0,
     })
 }
 
@@ -317,6 +330,51 @@ async fn finished_always_delivered_last() {
     let frames = drain(&connection).await;
     assert_eq!(types(&frames), ["batch.finished"]);
     assert_eq!(frames[0]["generation"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn older_progress_from_another_process_is_dropped() {
+    let (hub, _source) = hub();
+    let alice = user("alice");
+    let batch_id = BatchId::new();
+    let connection = hub.connect(alice.clone());
+    connection
+        .handle_text(r#"{"type":"subscribe","all":true}"#)
+        .await;
+
+    hub.publish(&progress_at(&alice, batch_id, 5, 10, 5));
+    assert_eq!(types(&drain(&connection).await), ["batch.progress"]);
+
+    // Relayed from a slower process: committed before what was just sent.
+    hub.publish(&progress_at(&alice, batch_id, 3, 10, 3));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        drain(&connection).await.is_empty(),
+        "progress never goes back"
+    );
+
+    hub.publish(&progress_at(&alice, batch_id, 9, 10, 9));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let frames = drain(&connection).await;
+    assert_eq!(types(&frames), ["batch.progress"]);
+    assert_eq!(frames[0]["details"]["liveStats"]["succeeded"], 9);
+
+    // The finishing commit's own progress and its finish share revision 10;
+    // a progress of revision 8 relayed after the finish must not reopen it.
+    let mut done = finished(&alice, batch_id, 10, 0);
+    if let QueueEvent::BatchFinished(finish) = &mut done {
+        finish.revision = 10;
+    }
+    hub.publish(&progress_at(&alice, batch_id, 10, 10, 10));
+    hub.publish(&done);
+    hub.publish(&progress_at(&alice, batch_id, 8, 10, 8));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let frames = drain(&connection).await;
+    assert_eq!(
+        types(&frames),
+        ["batch.finished"],
+        "nothing follows the final state"
+    );
 }
 
 #[tokio::test(start_paused = true)]
