@@ -9,11 +9,10 @@ CREATE TABLE batches (
     status           TEXT NOT NULL
         CHECK (status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')),
     -- False while items are still being inserted: such a batch is invisible
-    -- to every read, and is deleted on start-up if its writer died.
+    -- to every read, and is deleted once its writer has gone quiet for too
+    -- long. Accepting a batch releases all its items in the same
+    -- transaction.
     accepted         BOOLEAN NOT NULL DEFAULT FALSE,
-    -- Items whose staging hold has been lifted; equals item_count once every
-    -- item of an accepted batch is claimable.
-    released_count   INTEGER NOT NULL DEFAULT 0,
     item_count       INTEGER NOT NULL DEFAULT 0,
     succeeded        INTEGER NOT NULL DEFAULT 0,
     failed           INTEGER NOT NULL DEFAULT 0,

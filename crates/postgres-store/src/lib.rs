@@ -7,8 +7,9 @@
 //!
 //! How it works: every operation takes a connection from a deadpool pool of
 //! tokio-postgres connections and runs in one transaction. Claims lock the
-//! rows they take with `FOR UPDATE SKIP LOCKED`, so workers in any number
-//! of processes never take the same job and never wait on each other.
+//! rows they take with `FOR NO KEY UPDATE SKIP LOCKED`, so workers in any
+//! number of processes never take the same job and never wait on each
+//! other.
 //! Processes learn of each other's writes through LISTEN/NOTIFY on one
 //! channel per schema (see [`Signal`]): a write that makes jobs runnable
 //! sends its notification inside its own transaction, so PostgreSQL
@@ -30,16 +31,24 @@
 //!   `now`), or depend on one process being the only one.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+mod admin;
+mod create;
 mod flags;
+mod hot;
+mod mutate;
 mod notify;
 mod ratelimit;
+mod read;
+mod sql;
 pub mod testing;
+mod write;
 
 pub use notify::{MAX_SIGNAL_BYTES, Signal};
 
@@ -161,6 +170,9 @@ struct Inner {
     channel: String,
     signals: notify::SignalHub,
     stop: CancellationToken,
+    /// When `reap_expired_leases` last swept abandoned staging batches, in
+    /// the callers' milliseconds since the epoch.
+    last_abandon_sweep_ms: AtomicI64,
 }
 
 impl Drop for Inner {
@@ -225,6 +237,7 @@ impl PgStore {
                 channel,
                 signals,
                 stop,
+                last_abandon_sweep_ms: AtomicI64::new(i64::MIN),
             }),
         };
 
