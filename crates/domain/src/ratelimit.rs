@@ -112,6 +112,11 @@ pub struct GcraRequest {
 }
 
 impl GcraRequest {
+    /// The time `self.cost` units occupy, `cost * T`, in milliseconds.
+    pub fn cost_ms(&self) -> i64 {
+        i64::from(self.cost).saturating_mul(self.params.emission_interval_ms.max(1))
+    }
+
     /// Applies [`GcraParams::check`] to the stored TAT at `self.now`.
     pub fn apply(&self, stored_tat_ms: Option<i64>) -> Result<GcraOutcome, StoreError> {
         self.params
@@ -134,6 +139,11 @@ pub trait RateLimitStore: Send + Sync + 'static {
     /// atomic step: no other check of the same key, from this process or
     /// another, runs between the read and the write.
     async fn check_gcra(&self, request: GcraRequest) -> Result<GcraOutcome, StoreError>;
+
+    /// Gives back `request.cost` units that an allowed check took but the
+    /// caller did not use: the TAT moves back by `cost * T`, never before
+    /// `request.now`. A key without state is left alone.
+    async fn refund_gcra(&self, request: GcraRequest) -> Result<(), StoreError>;
 
     /// Deletes up to `max_rows` keys whose TAT is at or before `now`. Such
     /// a key's budget is full, so its row is the same as no row. Returns

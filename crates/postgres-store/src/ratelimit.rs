@@ -37,6 +37,12 @@ RETURNING tat_ms";
 const UPDATE_TAT: &str =
     "UPDATE rate_limits SET tat_ms = $3, updated_at = $4 WHERE policy = $1 AND key = $2";
 
+/// Moves a key's TAT back by $3 milliseconds, not before $4 (now). One
+/// statement, so it takes the row lock a concurrent check waits on.
+const REFUND_TAT: &str = "
+UPDATE rate_limits SET tat_ms = GREATEST(tat_ms - $3, $4), updated_at = $4
+WHERE policy = $1 AND key = $2";
+
 /// Deletes a chunk of keys whose budget is full, walking `rate_limits_tat`.
 /// Rows locked by a check are skipped, so pruning never waits for a check.
 /// The outer condition is tested again on the row version the delete
@@ -120,6 +126,29 @@ impl PgStore {
 impl RateLimitStore for PgStore {
     async fn check_gcra(&self, request: GcraRequest) -> Result<GcraOutcome, StoreError> {
         retry_transaction("check rate limit", || self.check_gcra_once(&request)).await
+    }
+
+    async fn refund_gcra(&self, request: GcraRequest) -> Result<(), StoreError> {
+        const OPERATION: &str = "refund rate limit";
+
+        let refund_ms = request.cost_ms();
+        let now_ms = request.now.timestamp_millis();
+        retry_transaction(OPERATION, || async {
+            let client = self.client(OPERATION).await?;
+            let statement = client
+                .prepare_cached(REFUND_TAT)
+                .await
+                .map_err(db_error(OPERATION))?;
+            client
+                .execute(
+                    &statement,
+                    &[&request.policy, &request.key, &refund_ms, &now_ms],
+                )
+                .await
+                .map_err(db_error(OPERATION))
+        })
+        .await?;
+        Ok(())
     }
 
     async fn prune_rate_limits(

@@ -804,8 +804,8 @@ impl Inner {
             }
 
             let mut wanted = slots.len() as u32;
-            if let Some(throttle) = &kind.throttle {
-                let (granted, wait) = lock(throttle).take_up_to(&kind_name, wanted, self.now());
+            if kind.throttle.is_some() || kind.shared_rate.is_some() {
+                let (granted, wait) = self.take_kind_rate(kind, &kind_name, wanted).await;
                 if granted == 0 {
                     drop(slots);
                     let wait = wait.unwrap_or(self.config.poll_interval);
@@ -833,9 +833,7 @@ impl Inner {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(kind = %kind_name, %error, failures, "claiming jobs failed");
-                    if let Some(throttle) = &kind.throttle {
-                        lock(throttle).refund(&kind_name, wanted, self.now());
-                    }
+                    self.refund_kind_rate(kind, &kind_name, wanted).await;
                     drop(slots);
                     let backoff = Duration::from_millis(50u64 << failures.min(6));
                     tokio::select! {
@@ -847,15 +845,11 @@ impl Inner {
             };
 
             let unused = wanted - jobs.len() as u32;
-            if unused > 0
-                && let Some(throttle) = &kind.throttle
-            {
-                lock(throttle).refund(&kind_name, unused, self.now());
-            }
+            self.refund_kind_rate(kind, &kind_name, unused).await;
             slots.truncate(jobs.len());
             let drained = jobs.len() < wanted as usize;
 
-            let jobs = self.charge_shared_rates(kind, &kind_name, jobs).await;
+            let jobs = self.charge_owner_rates(kind, &kind_name, jobs).await;
             for (job, slot) in jobs.into_iter().zip(slots) {
                 self.start_job(kind, job, slot);
             }
@@ -866,9 +860,69 @@ impl Inner {
         }
     }
 
-    /// Charges claimed jobs to the kind's and their owners' shared rates
-    /// and defers those that find no budget. Returns the jobs to run.
-    async fn charge_shared_rates(
+    /// Grants up to `wanted` starts under the kind's rate, in memory or in
+    /// the store. Returns the grant and, when short, how long until the
+    /// next start fits. When the store cannot answer, nothing is granted:
+    /// running past a limit that protects someone else is worse than a
+    /// short delay.
+    async fn take_kind_rate(
+        &self,
+        kind: &KindState,
+        kind_name: &str,
+        wanted: u32,
+    ) -> (u32, Option<Duration>) {
+        if let Some(throttle) = &kind.throttle {
+            return lock(throttle).take_up_to(kind_name, wanted, self.now());
+        }
+        let (Some(shared), Some(params)) = (&self.shared_rates, kind.shared_rate) else {
+            return (wanted, None);
+        };
+        match shared
+            .take_up_to(
+                shared_rate::KIND_POLICY,
+                kind_name,
+                wanted,
+                params,
+                self.now(),
+            )
+            .await
+        {
+            Ok(grant) => grant,
+            Err(error) => {
+                tracing::warn!(kind = kind_name, %error, "checking the kind's shared processing rate failed; waiting");
+                (0, Some(self.config.poll_interval))
+            }
+        }
+    }
+
+    /// Gives back starts the kind's rate granted that no claimed job used.
+    async fn refund_kind_rate(&self, kind: &KindState, kind_name: &str, unused: u32) {
+        if unused == 0 {
+            return;
+        }
+        if let Some(throttle) = &kind.throttle {
+            lock(throttle).refund(kind_name, unused, self.now());
+            return;
+        }
+        if let (Some(shared), Some(params)) = (&self.shared_rates, kind.shared_rate)
+            && let Err(error) = shared
+                .refund(
+                    shared_rate::KIND_POLICY,
+                    kind_name,
+                    unused,
+                    params,
+                    self.now(),
+                )
+                .await
+        {
+            // The budget stays spent until it refills; no job is lost.
+            tracing::warn!(kind = kind_name, %error, unused, "refunding the kind's shared processing rate failed");
+        }
+    }
+
+    /// Charges claimed jobs to their owners' shared rates and defers those
+    /// that find no budget. Returns the jobs to run.
+    async fn charge_owner_rates(
         self: &Arc<Self>,
         kind: &KindState,
         kind_name: &str,
@@ -878,16 +932,6 @@ impl Inner {
             return jobs;
         };
         let now = self.now();
-
-        if let Some(params) = kind.shared_rate {
-            let wanted = jobs.len() as u32;
-            let checked = shared
-                .take_up_to(shared_rate::KIND_POLICY, kind_name, wanted, params, now)
-                .await;
-            let (granted, wait) = self.granted_or_deferred(checked, kind_name, wanted);
-            let over = jobs.split_off((granted as usize).min(jobs.len()));
-            self.defer_all(over, now, wait);
-        }
 
         if let Some(params) = kind.shared_user_rate {
             let mut by_owner: Vec<(UserId, Vec<ClaimedJob>)> = Vec::new();
@@ -912,9 +956,8 @@ impl Inner {
         jobs
     }
 
-    /// Reads a shared-rate answer. When the store cannot answer, nothing
-    /// is granted: running past a limit that protects someone else is
-    /// worse than a short delay.
+    /// Reads a shared-rate answer; when the store cannot answer, nothing is
+    /// granted, as for the kind's rate.
     fn granted_or_deferred(
         &self,
         checked: Result<(u32, Option<Duration>), StoreError>,

@@ -7,10 +7,11 @@
 //! the state in the store's rate-limit table instead, one row per key,
 //! checked and updated atomically by [`RateLimitStore::check_gcra`].
 //!
-//! The shared path charges after claiming, not before: an idle worker's
-//! empty claim must not use up budget, and the store offers no refund.
-//! Claimed jobs that find no budget are deferred, exactly as the local
-//! per-user limit does: back to `scheduled`, attempt not counted.
+//! A kind's rate is charged before claiming, as in one process, and what
+//! the claim did not use is refunded, so an idle worker's empty claim costs
+//! nothing. A per-owner rate can only be charged after claiming, once the
+//! owners are known; claimed jobs that find no budget are deferred, as the
+//! local per-owner limit does: back to `scheduled`, attempt not counted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,6 +104,30 @@ impl SharedRates {
         }
         Ok((0, Some(wait)))
     }
+
+    /// Gives back `unused` starts that [`take_up_to`](Self::take_up_to)
+    /// granted but no job used.
+    pub(crate) async fn refund(
+        &self,
+        policy: &str,
+        key: &str,
+        unused: u32,
+        params: GcraParams,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if unused == 0 {
+            return Ok(());
+        }
+        self.store
+            .refund_gcra(GcraRequest {
+                policy: policy.to_owned(),
+                key: key.to_owned(),
+                cost: unused,
+                params,
+                now,
+            })
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +158,15 @@ mod tests {
                 tat.insert(key, outcome.tat_ms);
             }
             Ok(outcome)
+        }
+
+        async fn refund_gcra(&self, request: GcraRequest) -> Result<(), StoreError> {
+            let mut tat = self.tat.lock().unwrap();
+            let key = (request.policy.clone(), request.key.clone());
+            if let Some(stored) = tat.get_mut(&key) {
+                *stored = (*stored - request.cost_ms()).max(request.now.timestamp_millis());
+            }
+            Ok(())
         }
 
         async fn prune_rate_limits(

@@ -21,6 +21,11 @@ const UPSERT_TAT: &str = "
 INSERT INTO rate_limits (policy, key, tat_ms, updated_at) VALUES (?1, ?2, ?3, ?4)
 ON CONFLICT (policy, key) DO UPDATE SET tat_ms = excluded.tat_ms, updated_at = excluded.updated_at";
 
+/// Moves a key's TAT back by ?3 milliseconds, not before ?4 (now).
+const REFUND_TAT: &str = "
+UPDATE rate_limits SET tat_ms = max(tat_ms - ?3, ?4), updated_at = ?4
+WHERE policy = ?1 AND key = ?2";
+
 /// Deletes a chunk of keys whose budget is full, walking `rate_limits_tat`.
 const DELETE_FULL: &str = "
 DELETE FROM rate_limits WHERE (policy, key) IN (
@@ -53,6 +58,21 @@ impl RateLimitStore for SqliteStore {
                         .map_err(db_error("write rate limit state"))?;
                 }
                 Ok(outcome)
+            })
+            .await
+    }
+
+    async fn refund_gcra(&self, request: GcraRequest) -> Result<(), StoreError> {
+        let refund_ms = request.cost_ms();
+        let now_ms = to_millis(request.now);
+        self.writer()
+            .write("refund rate limit", false, move |conn| {
+                conn.prepare_cached(REFUND_TAT)
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![request.policy, request.key, refund_ms, now_ms])
+                    })
+                    .map_err(db_error("refund rate limit"))?;
+                Ok(())
             })
             .await
     }

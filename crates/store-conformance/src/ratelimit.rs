@@ -24,6 +24,7 @@ macro_rules! rate_limit_conformance_tests {
             oversized_cost_writes_nothing,
             invalid_cost_is_rejected,
             prune_deletes_only_full_keys,
+            refund_gives_back_unused_units,
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,6 +97,49 @@ pub async fn check_stores_tat_only_when_allowed<S: RateLimitStore>(store: &S) {
     let denied = store.check_gcra(request("alice", 1, later)).await.unwrap();
     assert!(!denied.allowed);
     assert_eq!(denied.tat_ms, millis(now) + 4_000);
+}
+
+pub async fn refund_gives_back_unused_units<S: RateLimitStore>(store: &S) {
+    let now = start();
+
+    let outcome = store.check_gcra(request("bob", 3, now)).await.unwrap();
+    assert!(outcome.allowed);
+    assert!(
+        !store
+            .check_gcra(request("bob", 1, now))
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    store.refund_gcra(request("bob", 2, now)).await.unwrap();
+    let outcome = store.check_gcra(request("bob", 2, now)).await.unwrap();
+    assert!(outcome.allowed, "the two refunded units are free again");
+    assert_eq!(outcome.tat_ms, millis(now) + 3_000);
+
+    // A refund larger than what was taken stops at now: the budget is
+    // full, never more than full.
+    store.refund_gcra(request("bob", 50, now)).await.unwrap();
+    assert!(
+        store
+            .check_gcra(request("bob", 3, now))
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !store
+            .check_gcra(request("bob", 1, now))
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    // A key without state stays without state.
+    store.refund_gcra(request("carol", 2, now)).await.unwrap();
+    let outcome = store.check_gcra(request("carol", 3, now)).await.unwrap();
+    assert!(outcome.allowed);
+    assert_eq!(outcome.tat_ms, millis(now) + 3_000);
 }
 
 pub async fn oversized_cost_writes_nothing<S: RateLimitStore>(store: &S) {
