@@ -101,6 +101,11 @@ type Receivers = (
 /// An attempt whose outcome waits to be recorded.
 struct Finished {
     outcome: AttemptOutcome,
+    /// The kind's concurrency slot the attempt ran in, held until the
+    /// outcome is committed. A job whose outcome is not yet durable still
+    /// counts against the kind's concurrency, so a crash repeats at most
+    /// `concurrency` jobs per kind, however far the recorder falls behind.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 struct KindState {
@@ -1028,7 +1033,6 @@ impl Inner {
         );
         tokio::spawn(
             async move {
-                let _slot = slot;
                 if inner.has_subscribers() {
                     inner.emit(QueueEvent::JobProcessing(JobEvent {
                         job_id: job.id,
@@ -1074,12 +1078,15 @@ impl Inner {
                     None => tracing::warn!("lease lost while the attempt ran; its outcome is dropped"),
                 }
                 match outcome {
-                    Some(kind) => inner.finish(AttemptOutcome {
-                        lease,
-                        started_at,
-                        duration_ms,
-                        kind,
-                    }),
+                    Some(kind) => inner.finish_in_slot(
+                        AttemptOutcome {
+                            lease,
+                            started_at,
+                            duration_ms,
+                            kind,
+                        },
+                        Some(slot),
+                    ),
                     None => inner.untrack(lease.job_id),
                 }
             }
@@ -1173,11 +1180,17 @@ impl Inner {
     }
 
     fn finish(&self, outcome: AttemptOutcome) {
+        self.finish_in_slot(outcome, None);
+    }
+
+    /// Queues an outcome for recording; `slot` is released once it is
+    /// committed.
+    fn finish_in_slot(&self, outcome: AttemptOutcome, slot: Option<OwnedSemaphorePermit>) {
         let job_id = outcome.lease.job_id;
         if let Some(job) = lock(&self.inflight).get(&job_id) {
             job.finishing.store(true, Ordering::Release);
         }
-        if self.finished_tx.send(Finished { outcome }).is_err() {
+        if self.finished_tx.send(Finished { outcome, slot }).is_err() {
             // The recorder is gone (shutdown); the lease expires and the
             // job runs again elsewhere.
             tracing::warn!(job_id = %job_id, "outcome dropped: the queue is stopped");
