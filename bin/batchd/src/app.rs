@@ -10,13 +10,16 @@ use actix_web::dev::ServerHandle;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use domain::SystemClock;
+use domain::{AdminStore, FlagStore, JobStore, RateLimitStore};
+use postgres_store::{PgConfig, PgStore};
 use queue::{KindConfig, Queue, QueueBuilder, QueueConfig, Rate, RetentionConfig, RetryPolicy};
 use sqlite_store::{SqliteConfig, SqliteStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::auth::Auth;
-use crate::config::{Config, HandlerName, KindSettings};
+use crate::cluster;
+use crate::config::{Config, DatabaseTarget, HandlerName, KindSettings};
 use crate::correlation::Correlation;
 use crate::handlers;
 use crate::limits::{Limits, RateLimit};
@@ -26,7 +29,7 @@ pub struct Running {
     pub addr: SocketAddr,
     hub: Arc<gateway::Hub>,
     pub queue: Queue,
-    store: Arc<SqliteStore>,
+    store: Backend,
     server: ServerHandle,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     background: CancellationToken,
@@ -51,11 +54,21 @@ impl Running {
         }
         let report = self.queue.shutdown().await;
         self.background.cancel();
-        if let Err(error) = self.store.checkpoint().await {
+        if let Backend::Sqlite(store) = &self.store
+            && let Err(error) = store.checkpoint().await
+        {
             tracing::warn!(%error, "final WAL checkpoint failed; the next start replays the WAL");
         }
         tracing::info!(released = report.released, "batchd stopped");
     }
+}
+
+/// The store a server runs on, for what only one backend does: SQLite
+/// checkpoints on stop, PostgreSQL coordinates with other processes.
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
 }
 
 fn kind_config(settings: &KindSettings) -> KindConfig {
@@ -148,7 +161,7 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
             "running in development mode with the public development secret: anyone can mint tokens for this server"
         );
     }
-    let database = config.database_path()?;
+    // The fetch handler stores documents here whatever the database is.
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -156,14 +169,48 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         )
     })?;
 
-    let mut sqlite = SqliteConfig::new(&database);
-    sqlite.insert_chunk_rows = config.queue.insert_chunk_rows.max(1);
-    let store = Arc::new(
-        SqliteStore::open(sqlite)
-            .await
-            .with_context(|| format!("cannot open the database {}", database.display()))?,
-    );
+    let target = config.database_target();
+    match &target {
+        DatabaseTarget::Sqlite(path) => {
+            let mut sqlite = SqliteConfig::new(path);
+            sqlite.insert_chunk_rows = config.queue.insert_chunk_rows.max(1);
+            let store = Arc::new(
+                SqliteStore::open(sqlite)
+                    .await
+                    .with_context(|| format!("cannot open the database {}", path.display()))?,
+            );
+            let backend = Backend::Sqlite(store.clone());
+            start_on(config, metrics, secret, store, backend, &target).await
+        }
+        DatabaseTarget::Postgres(url) => {
+            let settings = &config.postgres;
+            let mut postgres = PgConfig::new(url.clone());
+            postgres.schema = settings.schema.clone();
+            postgres.pool_size = settings.pool_size;
+            postgres.statement_timeout = Duration::from_secs(settings.statement_timeout_seconds);
+            postgres.abandon_staging_after =
+                Duration::from_secs(settings.abandon_staging_minutes.saturating_mul(60));
+            let store = Arc::new(PgStore::connect(postgres).await.with_context(|| {
+                format!("cannot open the PostgreSQL database {}", target.describe())
+            })?);
+            let backend = Backend::Postgres(store.clone());
+            start_on(config, metrics, secret, store, backend, &target).await
+        }
+    }
+}
 
+/// Starts everything on an opened store.
+async fn start_on<S>(
+    config: Config,
+    metrics: Arc<telemetry::Metrics>,
+    secret: String,
+    store: Arc<S>,
+    backend: Backend,
+    target: &DatabaseTarget,
+) -> anyhow::Result<Running>
+where
+    S: JobStore + AdminStore + FlagStore + RateLimitStore,
+{
     let queue_config = QueueConfig {
         lease_duration: Duration::from_secs(config.queue.lease_seconds.max(1)),
         heartbeat_interval: Duration::from_millis(config.queue.lease_seconds.max(1) * 1000 / 3),
@@ -178,12 +225,13 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
     };
     let limits = Limits::build(&config.rate_limits, store.clone(), Arc::new(SystemClock))?
         .with_metrics(metrics.clone());
-    let queue = register(
-        Queue::builder(store.clone()).config(queue_config),
-        &config,
-        limits.item_pace(),
-    )?
-    .build();
+    let mut builder = Queue::builder(store.clone()).config(queue_config);
+    if let Backend::Postgres(_) = &backend {
+        // Several processes may share this database, and a kind's rate
+        // protects whatever its handler calls: one budget for all of them.
+        builder = builder.shared_rates(store.clone());
+    }
+    let queue = register(builder, &config, limits.item_pace())?.build();
 
     let background = CancellationToken::new();
     let flag_config = FlagConfig {
@@ -212,7 +260,7 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
     let config = Arc::new(config);
     let state = web::Data::new(AppState {
         queue: queue.clone(),
-        flags,
+        flags: flags.clone(),
         flag_store: store.clone(),
         config: config.clone(),
         limits: limits.clone(),
@@ -255,6 +303,15 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
         .context("the server bound no address")?;
     tokio::spawn(hub.clone().forward(queue.subscribe()));
     queue.start().await.context("cannot start the queue")?;
+    if let Backend::Postgres(postgres) = &backend {
+        cluster::start(
+            postgres.clone(),
+            queue.clone(),
+            hub.clone(),
+            flags.clone(),
+            background.clone(),
+        );
+    }
     start_metrics(
         &metrics,
         &queue,
@@ -266,12 +323,12 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
     let handle = server.handle();
     let serving = tokio::spawn(server);
 
-    tracing::info!(%addr, database = %database.display(), kinds = ?queue.kinds(), "batchd listening");
+    tracing::info!(%addr, database = %target.describe(), kinds = ?queue.kinds(), "batchd listening");
     Ok(Running {
         addr,
         hub,
         queue,
-        store,
+        store: backend,
         server: handle,
         serving,
         background,
@@ -283,7 +340,7 @@ pub async fn start(config: Config, metrics: Arc<telemetry::Metrics>) -> anyhow::
 fn start_metrics(
     metrics: &Arc<telemetry::Metrics>,
     queue: &Queue,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn AdminStore>,
     hub: Arc<gateway::Hub>,
     stop: CancellationToken,
 ) {

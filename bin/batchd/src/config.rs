@@ -23,7 +23,9 @@ const MIN_SECRET_BYTES: usize = 32;
 pub struct Config {
     /// Address the HTTP server listens on, host:port.
     pub listen: String,
-    /// SQLite file path; relative paths are under `data_dir`.
+    /// SQLite file path (relative paths are under `data_dir`), or a
+    /// `postgres://` URL to share one PostgreSQL database between several
+    /// batchd processes.
     pub database: Option<String>,
     /// Directory for the database and downloaded documents.
     pub data_dir: PathBuf,
@@ -40,6 +42,8 @@ pub struct Config {
     pub rate_limits: crate::limits::RateLimitSettings,
     pub telemetry: TelemetrySettings,
     pub gateway: GatewaySettings,
+    /// Settings used when `database` is a PostgreSQL URL.
+    pub postgres: PostgresSettings,
     /// Job kinds and the handler each runs.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -73,6 +77,7 @@ impl Default for Config {
             rate_limits: crate::limits::RateLimitSettings::default(),
             telemetry: TelemetrySettings::default(),
             gateway: GatewaySettings::default(),
+            postgres: PostgresSettings::default(),
             kinds,
         }
     }
@@ -134,6 +139,60 @@ impl Default for QueueSettings {
             retention_completed_days: 7,
             retention_failed_days: 30,
             insert_chunk_rows: 500,
+        }
+    }
+}
+
+/// PostgreSQL connection settings, per process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// Schema holding batchd's tables, created if missing; processes that
+    /// should work together use the same one.
+    pub schema: Option<String>,
+    /// Most connections this process opens, besides one for notifications.
+    pub pool_size: usize,
+    /// Seconds a statement may run before the server cancels it.
+    pub statement_timeout_seconds: u64,
+    /// Minutes a batch still being streamed in may go without new items
+    /// before it counts as abandoned by a dead process and is deleted.
+    pub abandon_staging_minutes: u64,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            pool_size: 16,
+            statement_timeout_seconds: 60,
+            abandon_staging_minutes: 15,
+        }
+    }
+}
+
+/// Where the jobs live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+impl DatabaseTarget {
+    /// A description for logs: the SQLite path, or the PostgreSQL URL
+    /// without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            DatabaseTarget::Sqlite(path) => path.display().to_string(),
+            DatabaseTarget::Postgres(url) => match url::Url::parse(url) {
+                Ok(mut parsed) => {
+                    if parsed.password().is_some() {
+                        let _ = parsed.set_password(Some("***"));
+                    }
+                    parsed.to_string()
+                }
+                Err(_) => "(unparsable PostgreSQL URL)".to_owned(),
+            },
         }
     }
 }
@@ -443,6 +502,12 @@ impl Config {
                 );
             }
         }
+        if self.postgres.pool_size == 0 {
+            bail!("config key postgres.pool_size: must be at least 1");
+        }
+        if self.postgres.statement_timeout_seconds == 0 {
+            bail!("config key postgres.statement_timeout_seconds: must be at least 1");
+        }
         if self.flags.refresh_interval_ms == 0 {
             bail!("config key flags.refresh_interval_ms: must be at least 1");
         }
@@ -469,19 +534,17 @@ impl Config {
         })
     }
 
-    /// Returns the SQLite file: `database` if set (relative to `data_dir`), else
-    /// `data_dir/batchd.db`.
-    pub fn database_path(&self) -> anyhow::Result<PathBuf> {
+    /// Returns where the jobs live: a PostgreSQL URL, or the SQLite file
+    /// (`database` relative to `data_dir`, by default `data_dir/batchd.db`).
+    pub fn database_target(&self) -> DatabaseTarget {
         match self.database.as_deref() {
-            None => Ok(self.data_dir.join("batchd.db")),
+            None => DatabaseTarget::Sqlite(self.data_dir.join("batchd.db")),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                bail!(
-                    "config key database (BATCHD_DATABASE): PostgreSQL is not supported by this build; use a SQLite file path"
-                )
+                DatabaseTarget::Postgres(url.to_owned())
             }
             Some(path) => {
                 let path = PathBuf::from(path.strip_prefix("sqlite://").unwrap_or(path));
-                Ok(if path.is_absolute() {
+                DatabaseTarget::Sqlite(if path.is_absolute() {
                     path
                 } else {
                     self.data_dir.join(path)
@@ -568,8 +631,22 @@ mod tests {
         };
         let config = Config::load(None, overrides).unwrap();
         assert_eq!(
-            config.database_path().unwrap(),
-            PathBuf::from("/var/lib/batchd/jobs.db")
+            config.database_target(),
+            DatabaseTarget::Sqlite(PathBuf::from("/var/lib/batchd/jobs.db"))
         );
+    }
+
+    #[test]
+    fn postgres_url_selects_postgres_and_hides_the_password() {
+        let overrides = Overrides {
+            database: Some("postgres://batchd:hunter2@db.internal:5432/jobs".into()),
+            ..Overrides::default()
+        };
+        let config = Config::load(None, overrides).unwrap();
+        let target = config.database_target();
+        assert!(matches!(target, DatabaseTarget::Postgres(ref url) if url.contains("hunter2")));
+        let shown = target.describe();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("db.internal"), "{shown}");
     }
 }

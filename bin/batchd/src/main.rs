@@ -12,6 +12,7 @@ mod api;
 mod app;
 mod auth;
 mod bench;
+mod cluster;
 mod config;
 mod correlation;
 mod demo;
