@@ -11,7 +11,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use awc::ws;
@@ -22,7 +21,7 @@ use support::*;
 
 /// The three-process tests each keep both cores busy; running them one
 /// at a time keeps their timings meaningful.
-static HEAVY: Mutex<()> = Mutex::new(());
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ITEMS: usize = 20_000;
 
@@ -116,9 +115,7 @@ fn attempts_histogram(items: &[Value]) -> HashMap<u64, usize> {
 
 #[tokio::test]
 async fn three_processes_share_a_batch_and_run_every_item_once() {
-    let _heavy = HEAVY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _heavy = HEAVY.lock().await;
     let schema = testing::unique_schema();
     let servers = start_three(&schema, SLEEP_KIND);
     let alice = token("alice", false);
@@ -161,9 +158,7 @@ async fn three_processes_share_a_batch_and_run_every_item_once() {
 
 #[tokio::test]
 async fn a_killed_process_loses_nothing() {
-    let _heavy = HEAVY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _heavy = HEAVY.lock().await;
     let schema = testing::unique_schema();
     let mut servers = start_three(&schema, SLEEP_KIND);
     let alice = token("alice", false);

@@ -105,7 +105,8 @@ struct Finished {
     /// outcome is committed. A job whose outcome is not yet durable still
     /// counts against the kind's concurrency, so a crash repeats at most
     /// `concurrency` jobs per kind, however far the recorder falls behind.
-    slot: Option<OwnedSemaphorePermit>,
+    /// Only its drop matters.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 struct KindState {
@@ -1190,7 +1191,14 @@ impl Inner {
         if let Some(job) = lock(&self.inflight).get(&job_id) {
             job.finishing.store(true, Ordering::Release);
         }
-        if self.finished_tx.send(Finished { outcome, slot }).is_err() {
+        if self
+            .finished_tx
+            .send(Finished {
+                outcome,
+                _slot: slot,
+            })
+            .is_err()
+        {
             // The recorder is gone (shutdown); the lease expires and the
             // job runs again elsewhere.
             tracing::warn!(job_id = %job_id, "outcome dropped: the queue is stopped");
@@ -1438,6 +1446,18 @@ impl Inner {
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "pruning finished batches failed"),
+            }
+
+            if let Some(shared) = &self.shared_rates {
+                match shared.prune(now).await {
+                    Ok(deleted) if deleted > 0 => {
+                        tracing::debug!(deleted, "pruned idle processing-rate keys")
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "pruning idle processing-rate keys failed")
+                    }
+                }
             }
         }
     }

@@ -105,6 +105,21 @@ impl SharedRates {
         Ok((0, Some(wait)))
     }
 
+    /// Deletes the state of keys whose budget is full again, which is the
+    /// same as no state, so the table holds only recently active kinds and
+    /// owners. Returns how many keys were deleted.
+    pub(crate) async fn prune(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        const CHUNK: u32 = 1_000;
+        let mut deleted = 0;
+        loop {
+            let chunk = self.store.prune_rate_limits(now, CHUNK).await?;
+            deleted += chunk;
+            if chunk < u64::from(CHUNK) {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Gives back `unused` starts that [`take_up_to`](Self::take_up_to)
     /// granted but no job used.
     pub(crate) async fn refund(
