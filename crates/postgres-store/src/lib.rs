@@ -166,7 +166,6 @@ pub struct PgStore {
 struct Inner {
     pool: Pool,
     config: PgConfig,
-    pg_config: tokio_postgres::Config,
     channel: String,
     signals: notify::SignalHub,
     stop: CancellationToken,
@@ -233,7 +232,6 @@ impl PgStore {
             inner: Arc::new(Inner {
                 pool,
                 config,
-                pg_config,
                 channel,
                 signals,
                 stop,
@@ -319,11 +317,6 @@ impl PgStore {
             )
             .await
             .map_err(db_error("delete abandoned batches"))
-    }
-
-    #[allow(dead_code, reason = "kept for operations that need a raw connection")]
-    pub(crate) fn pg_config(&self) -> &tokio_postgres::Config {
-        &self.inner.pg_config
     }
 }
 

@@ -77,3 +77,41 @@ async fn a_bad_url_is_a_clear_error() {
         .unwrap_err();
     assert!(error.to_string().contains("connection string"), "{error}");
 }
+
+#[tokio::test]
+async fn the_listener_reconnects_and_announces_a_resync() {
+    let config = testing::isolated_config();
+    let schema = config.schema.clone().unwrap();
+    let store = PgStore::connect(config).await.unwrap();
+    let mut signals = store.signals();
+    assert_eq!(signals.recv().await.unwrap(), Signal::Resync);
+
+    // Cut the listening session from the server side, as a failover or an
+    // idle-connection reaper would.
+    let admin: tokio_postgres::Config = testing::database_url().parse().unwrap();
+    let (client, connection) = admin.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let terminated = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query = $1 AND pid <> pg_backend_pid()",
+            &[&format!("LISTEN \"batchd.{schema}\"")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        terminated.len(),
+        1,
+        "exactly this store's listener was found"
+    );
+
+    let resync = tokio::time::timeout(Duration::from_secs(10), signals.recv())
+        .await
+        .expect("a resync within 10 s of the session's end")
+        .unwrap();
+    assert_eq!(resync, Signal::Resync);
+
+    let signal = Signal::FlagsChanged { revision: 9 };
+    store.publish(&signal).await.unwrap();
+    assert_eq!(next_signal(&mut signals).await, signal);
+}
