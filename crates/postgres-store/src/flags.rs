@@ -15,8 +15,6 @@
 //! nothing and notify nobody.
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,10 +24,10 @@ use domain::{
     FlagPatch, FlagStore, FlagStoreError, NewFlag, Page, Rollout, StoreError, UserId,
     check_flag_version, validate_actor,
 };
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
+use crate::write::{begin_read_committed, retry_transaction};
 use crate::{PgStore, Signal, db_error, notify};
 
 const SELECT_FLAG: &str = "
@@ -75,103 +73,8 @@ WHERE flag = $1 AND id < $2
 ORDER BY id DESC
 LIMIT $3";
 
-/// Maximum attempts, the first included, of a transaction that keeps
-/// failing with a serialization failure or a deadlock.
-const MAX_TRANSACTION_ATTEMPTS: u32 = 4;
-
-/// Upper bound of the wait before the second attempt. The bound doubles
-/// for each further attempt.
-const FIRST_RETRY_BACKOFF: Duration = Duration::from_millis(20);
-
 /// A flag-level outcome inside a successful database operation.
 type Outcome<T> = Result<T, FlagStoreError>;
-
-/// Runs `attempt` again when it fails with SQLSTATE 40001 (serialization
-/// failure) or 40P01 (deadlock detected), up to
-/// [`MAX_TRANSACTION_ATTEMPTS`] times in all. PostgreSQL rolled the failed
-/// transaction back, so each attempt must run a whole transaction. The wait
-/// between attempts is random within a doubling bound, so transactions that
-/// collided once do not collide again in lockstep.
-pub(crate) async fn retry_transaction<T, F, Fut>(
-    operation: &'static str,
-    mut attempt: F,
-) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let mut attempts = 1;
-    loop {
-        let error = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        let Some(sqlstate) = retryable_sqlstate(&error) else {
-            return Err(error);
-        };
-        if attempts >= MAX_TRANSACTION_ATTEMPTS {
-            tracing::warn!(
-                operation,
-                sqlstate,
-                attempts,
-                %error,
-                "transaction kept failing with a retryable error; giving up"
-            );
-            return Err(error);
-        }
-
-        let wait = retry_backoff(attempts);
-        tracing::info!(
-            operation,
-            sqlstate,
-            attempt = attempts,
-            retry_in_ms = wait.as_millis() as u64,
-            %error,
-            "transaction failed with a retryable error; retrying"
-        );
-        tokio::time::sleep(wait).await;
-        attempts += 1;
-    }
-}
-
-/// Returns the SQLSTATE of `error` when it is a serialization failure or a
-/// deadlock, the two errors after which the same transaction may succeed.
-fn retryable_sqlstate(error: &StoreError) -> Option<&'static str> {
-    let StoreError::Backend { source, .. } = error else {
-        return None;
-    };
-    let code = source.downcast_ref::<tokio_postgres::Error>()?.code()?;
-    if *code == SqlState::T_R_SERIALIZATION_FAILURE {
-        Some("40001")
-    } else if *code == SqlState::T_R_DEADLOCK_DETECTED {
-        Some("40P01")
-    } else {
-        None
-    }
-}
-
-/// Returns a random wait between half the bound and the whole bound of the
-/// attempt that just failed (1 for the first).
-fn retry_backoff(failed_attempts: u32) -> Duration {
-    let bound = FIRST_RETRY_BACKOFF.saturating_mul(1 << failed_attempts.saturating_sub(1).min(8));
-    let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(fastrand::u64(bound_ms / 2..=bound_ms))
-}
-
-/// Starts a READ COMMITTED transaction whatever the server's default
-/// isolation: the revision lock relies on each statement seeing the
-/// changes committed before it.
-pub(crate) async fn begin_read_committed<'a>(
-    client: &'a mut deadpool_postgres::Object,
-    operation: &'static str,
-) -> Result<Transaction<'a>, StoreError> {
-    client
-        .build_transaction()
-        .isolation_level(IsolationLevel::ReadCommitted)
-        .start()
-        .await
-        .map_err(db_error(operation))
-}
 
 /// Prepares `sql` through the connection's statement cache and runs it.
 async fn query_opt(
@@ -757,33 +660,5 @@ impl FlagStore for PgStore {
     async fn flag_revision(&self) -> Result<u64, FlagStoreError> {
         let client = self.client("read feature flag revision").await?;
         Ok(read_revision(&client, READ_REVISION).await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_stays_within_its_doubling_bound() {
-        for failed_attempts in 1..=MAX_TRANSACTION_ATTEMPTS {
-            let bound = FIRST_RETRY_BACKOFF * (1 << (failed_attempts - 1));
-            for _ in 0..100 {
-                let wait = retry_backoff(failed_attempts);
-                assert!(wait <= bound, "attempt {failed_attempts}: {wait:?}");
-                assert!(wait >= bound / 2, "attempt {failed_attempts}: {wait:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn only_database_errors_are_retried() {
-        let error = StoreError::Invalid {
-            field: "cost",
-            reason: "must be at least 1".to_owned(),
-        };
-        assert_eq!(retryable_sqlstate(&error), None);
-        let error = StoreError::backend("test", std::io::Error::other("not a database error"));
-        assert_eq!(retryable_sqlstate(&error), None);
     }
 }

@@ -19,7 +19,7 @@ use deadpool_postgres::{GenericClient, Transaction};
 use domain::{GcraOutcome, GcraRequest, RateLimitStore, StoreError};
 use tokio_postgres::types::ToSql;
 
-use crate::flags::{begin_read_committed, retry_transaction};
+use crate::write::{begin_read_committed, retry_transaction};
 use crate::{PgStore, db_error};
 
 /// Locks the row of an existing key. This is the common case, and a denied

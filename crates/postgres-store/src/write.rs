@@ -12,6 +12,7 @@ use domain::{
     Batch, ChangeSet, ClaimedJob, CreatedBatch, JobId, KindControl, OutcomeResult, PromoteReport,
     ReapReport, RedriveReport, StoreError,
 };
+use tokio_postgres::IsolationLevel;
 use tokio_postgres::error::SqlState;
 
 use crate::{PgStore, Signal, db_error, notify};
@@ -149,6 +150,65 @@ fn retryable(error: &StoreError) -> Option<&'static str> {
     }
 }
 
+/// Runs `attempt`, each call a whole transaction of its own, again after
+/// a deadlock or serialization failure, up to [`MAX_WRITE_ATTEMPTS`] times
+/// in all. For operations that manage their transaction themselves; the
+/// others use [`PgStore::write`].
+pub(crate) async fn retry_transaction<T, F, Fut>(
+    operation: &'static str,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempts = 1;
+    loop {
+        let error = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let Some(sqlstate) = retryable(&error) else {
+            return Err(error);
+        };
+        if attempts >= MAX_WRITE_ATTEMPTS {
+            tracing::warn!(
+                operation,
+                sqlstate,
+                attempts,
+                "PostgreSQL aborted every attempt of a transaction, so its error is returned"
+            );
+            return Err(error);
+        }
+
+        let delay = backoff(attempts);
+        tracing::warn!(
+            operation,
+            sqlstate,
+            attempt = attempts,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "PostgreSQL aborted a transaction, retrying it"
+        );
+        tokio::time::sleep(delay).await;
+        attempts += 1;
+    }
+}
+
+/// Starts a READ COMMITTED transaction whatever the server's default
+/// isolation: the revision lock relies on each statement seeing the
+/// changes committed before it.
+pub(crate) async fn begin_read_committed<'a>(
+    client: &'a mut deadpool_postgres::Object,
+    operation: &'static str,
+) -> Result<Tx<'a>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(db_error(operation))
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = FIRST_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1));
     let jitter_ms = fastrand::u64(0..=u64::try_from(base.as_millis()).unwrap_or(u64::MAX));
@@ -257,6 +317,29 @@ mod tests {
 
     use super::*;
     use crate::testing;
+
+    #[test]
+    fn only_deadlocks_and_serialization_failures_are_retried() {
+        let error = StoreError::Invalid {
+            field: "cost",
+            reason: "must be at least 1".to_owned(),
+        };
+        assert_eq!(retryable(&error), None);
+        let error = StoreError::backend("test", std::io::Error::other("not a database error"));
+        assert_eq!(retryable(&error), None);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        for attempt in 1..MAX_WRITE_ATTEMPTS {
+            let base = FIRST_BACKOFF * 2u32.pow(attempt - 1);
+            for _ in 0..100 {
+                let delay = backoff(attempt);
+                assert!(delay >= base, "attempt {attempt}: {delay:?}");
+                assert!(delay <= base * 2, "attempt {attempt}: {delay:?}");
+            }
+        }
+    }
 
     #[test]
     fn many_kinds_wake_in_signals_that_fit() {
