@@ -172,6 +172,36 @@ impl NewBatch {
     }
 }
 
+/// Longest accepted kind name, in bytes.
+pub const MAX_KIND_BYTES: usize = 128;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+impl NewBatch {
+    /// Checks what every store requires of a new batch before writing it.
+    pub fn validate(&self) -> Result<(), crate::StoreError> {
+        let invalid = |field, reason: String| Err(crate::StoreError::Invalid { field, reason });
+        if self.kind.is_empty() || self.kind.len() > MAX_KIND_BYTES {
+            return invalid("kind", format!("must be 1 to {MAX_KIND_BYTES} bytes long"));
+        }
+        if self.owner.as_str().is_empty() {
+            return invalid("owner", "must not be empty".to_owned());
+        }
+        if self.max_attempts == 0 {
+            return invalid("maxAttempts", "must be at least 1".to_owned());
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+        {
+            return invalid(
+                "idempotencyKey",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes long"),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Read model of a batch with its counters.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -213,6 +243,39 @@ mod tests {
             failed,
             cancelled,
         }
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        let field_of = |batch: NewBatch| match batch.validate() {
+            Err(crate::StoreError::Invalid { field, .. }) => Some(field),
+            _ => None,
+        };
+        let ok = NewBatch::new(UserId::new("alice"), "webhook");
+        assert_eq!(field_of(ok.clone()), None);
+        assert_eq!(
+            field_of(NewBatch::new(UserId::new("alice"), "")),
+            Some("kind")
+        );
+        let long_kind = "k".repeat(MAX_KIND_BYTES + 1);
+        assert_eq!(
+            field_of(NewBatch::new(UserId::new("alice"), long_kind)),
+            Some("kind")
+        );
+        assert_eq!(
+            field_of(NewBatch::new(UserId::new(""), "webhook")),
+            Some("owner")
+        );
+        let no_attempts = NewBatch {
+            max_attempts: 0,
+            ..ok.clone()
+        };
+        assert_eq!(field_of(no_attempts), Some("maxAttempts"));
+        let long_key = NewBatch {
+            idempotency_key: Some("x".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1)),
+            ..ok
+        };
+        assert_eq!(field_of(long_key), Some("idempotencyKey"));
     }
 
     #[test]

@@ -36,7 +36,10 @@ mod ratelimit;
 mod store;
 
 pub use attempt::{AttemptRecord, FailureKind, MAX_ATTEMPT_HISTORY};
-pub use batch::{Batch, BatchCounters, BatchStatus, BatchSummary, NewBatch};
+pub use batch::{
+    Batch, BatchCounters, BatchStatus, BatchSummary, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES,
+    NewBatch,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, TransitionError};
 pub use flags::{
@@ -51,7 +54,7 @@ pub use ratelimit::{GcraOutcome, GcraParams, GcraRequest, RateLimitStore};
 pub use store::{
     AdminStore, AppliedOutcome, AttemptOutcome, BatchFilter, BatchFinished, BatchProgress,
     BeginOutcome, ChangeSet, ClaimRequest, CreatedBatch, DeadLetterFilter, DependencyRef,
-    ItemFilter, JobChange, JobStore, KindControl, OutcomeKind, OutcomeResult, Page, ProgressUpdate,
-    PromoteReport, PruneReport, PruneRequest, QueueDepth, ReapReport, RedriveReport,
-    RedriveSelection, Scope, StagingBatch,
+    ItemFilter, JobChange, JobStore, KindControl, MAX_PAGE, OutcomeKind, OutcomeResult, Page,
+    ProgressUpdate, PromoteReport, PruneReport, PruneRequest, QueueDepth, ReapReport,
+    RedriveReport, RedriveSelection, Scope, StagingBatch, page_limit,
 };

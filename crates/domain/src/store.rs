@@ -296,6 +296,34 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// Largest page any listing returns.
+pub const MAX_PAGE: u32 = 1_000;
+
+/// The page size a store uses for a requested `limit`: 100 when none was
+/// given, never more than [`MAX_PAGE`].
+pub fn page_limit(limit: u32) -> u32 {
+    match limit {
+        0 => 100,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+impl<T> Page<T> {
+    /// Builds a page from a listing read with one row more than `limit`:
+    /// that extra row, when present, means another page follows, whose
+    /// cursor is `cursor_of` the last item kept.
+    pub fn from_rows(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Self {
+        let has_more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next_cursor = if has_more {
+            items.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct BatchFilter {
     pub status: Option<BatchStatus>,
@@ -501,4 +529,27 @@ pub trait AdminStore: Send + Sync + 'static {
 
     /// Counts jobs per kind and state.
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_limit_defaults_and_caps() {
+        assert_eq!(page_limit(0), 100);
+        assert_eq!(page_limit(7), 7);
+        assert_eq!(page_limit(MAX_PAGE + 1), MAX_PAGE);
+    }
+
+    #[test]
+    fn a_page_read_with_one_extra_row_has_a_cursor() {
+        let page = Page::from_rows(vec![1, 2, 3], 2, |n| n.to_string());
+        assert_eq!(page.items, vec![1, 2]);
+        assert_eq!(page.next_cursor.as_deref(), Some("2"));
+
+        let last = Page::from_rows(vec![1, 2], 2, |n| n.to_string());
+        assert_eq!(last.items, vec![1, 2]);
+        assert_eq!(last.next_cursor, None);
+    }
 }

@@ -17,28 +17,6 @@ use crate::read::{self, column, to_millis};
 use crate::write::Tx;
 use crate::{PgStore, sql};
 
-/// Maximum number of items in one page of any listing.
-pub(crate) const MAX_PAGE: u32 = 1_000;
-
-fn page_limit(limit: u32) -> u32 {
-    match limit {
-        0 => 100,
-        n => n.min(MAX_PAGE),
-    }
-}
-
-/// Cuts one extra row off a listing and turns it into the next cursor.
-fn into_page<T>(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Page<T> {
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    let next_cursor = if has_more {
-        items.last().map(cursor_of)
-    } else {
-        None
-    };
-    Page { items, next_cursor }
-}
-
 /// A query under construction whose parameters are numbered as they are
 /// added.
 struct Filtered<'a> {
@@ -239,7 +217,7 @@ async fn redrive_selection_in(
                 .collect()
         }
         RedriveSelection::Matching(filter) => {
-            let limit = page_limit(filter.limit);
+            let limit = domain::page_limit(filter.limit);
             dead_jobs(tx, scope, filter, limit)
                 .await?
                 .into_iter()
@@ -306,7 +284,7 @@ impl AdminStore for PgStore {
         scope: &Scope,
         filter: BatchFilter,
     ) -> Result<Page<Batch>, StoreError> {
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         let owner = scope.owner().map(|owner| owner.as_str().to_owned());
         let status = filter.status.map(|status| status.as_str());
         let cursor = filter.cursor.map(|id| id.to_string());
@@ -330,7 +308,9 @@ impl AdminStore for PgStore {
 
         let client = self.client("list batches").await?;
         let batches = read::batches(&client, &query.query, &query.params).await?;
-        Ok(into_page(batches, limit, |batch| batch.id.to_string()))
+        Ok(Page::from_rows(batches, limit, |batch| {
+            batch.id.to_string()
+        }))
     }
 
     async fn list_items(
@@ -339,7 +319,7 @@ impl AdminStore for PgStore {
         batch_id: BatchId,
         filter: ItemFilter,
     ) -> Result<Page<Job>, StoreError> {
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         let client = self.client("list batch items").await?;
         read::batch(&client, scope, batch_id, false).await?;
 
@@ -363,7 +343,7 @@ impl AdminStore for PgStore {
             .push_str(&format!(" ORDER BY j.seq LIMIT {}", limit + 1));
 
         let jobs = read::jobs(&client, &query.query, &query.params).await?;
-        Ok(into_page(jobs, limit, |job| job.seq.to_string()))
+        Ok(Page::from_rows(jobs, limit, |job| job.seq.to_string()))
     }
 
     async fn get_job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
@@ -414,10 +394,10 @@ impl AdminStore for PgStore {
         scope: &Scope,
         filter: DeadLetterFilter,
     ) -> Result<Page<Job>, StoreError> {
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         let client = self.client("list dead letters").await?;
         let jobs = dead_jobs(&client, scope, &filter, limit + 1).await?;
-        Ok(into_page(jobs, limit, |job| job.id.to_string()))
+        Ok(Page::from_rows(jobs, limit, |job| job.id.to_string()))
     }
 
     async fn redrive(

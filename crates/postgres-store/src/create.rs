@@ -17,34 +17,6 @@ use crate::read::{self, column, parse_batch_id, to_i32, to_millis};
 use crate::sql;
 use crate::write::Tx;
 
-/// Maximum length of a kind name and of an idempotency key, in bytes.
-const MAX_KIND_LEN: usize = 128;
-const MAX_KEY_LEN: usize = 255;
-
-pub(crate) fn validate(batch: &NewBatch) -> Result<(), StoreError> {
-    let invalid = |field, reason: &str| {
-        Err(StoreError::Invalid {
-            field,
-            reason: reason.to_owned(),
-        })
-    };
-    if batch.kind.is_empty() || batch.kind.len() > MAX_KIND_LEN {
-        return invalid("kind", "must be 1 to 128 bytes long");
-    }
-    if batch.owner.as_str().is_empty() {
-        return invalid("owner", "must not be empty");
-    }
-    if batch.max_attempts == 0 {
-        return invalid("maxAttempts", "must be at least 1");
-    }
-    if let Some(key) = &batch.idempotency_key
-        && (key.is_empty() || key.len() > MAX_KEY_LEN)
-    {
-        return invalid("idempotencyKey", "must be 1 to 255 bytes long");
-    }
-    Ok(())
-}
-
 pub(crate) fn no_items() -> StoreError {
     StoreError::Invalid {
         field: "items",

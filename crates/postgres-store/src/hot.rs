@@ -74,7 +74,7 @@ impl JobStore for PgStore {
         if items.is_empty() {
             return Err(create::no_items());
         }
-        create::validate(&batch)?;
+        batch.validate()?;
         let input = CreateInput {
             batch,
             items,
@@ -92,7 +92,7 @@ impl JobStore for PgStore {
         batch: NewBatch,
         now: DateTime<Utc>,
     ) -> Result<BeginOutcome, StoreError> {
-        create::validate(&batch)?;
+        batch.validate()?;
         let begun = self
             .write("begin batch", &(&batch, now), |tx, (batch, now)| {
                 Box::pin(create::begin_in(tx, batch, to_millis(*now)))

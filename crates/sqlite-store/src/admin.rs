@@ -12,28 +12,6 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use crate::mutate::{Mutation, Touched};
 use crate::{SqliteStore, db_error, read, sql, to_millis};
 
-/// Largest page any listing returns.
-pub const MAX_PAGE: u32 = 1_000;
-
-fn page_limit(limit: u32) -> u32 {
-    match limit {
-        0 => 100,
-        n => n.min(MAX_PAGE),
-    }
-}
-
-/// Cuts one extra row off a listing and turns it into the next cursor.
-fn into_page<T>(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Page<T> {
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    let next_cursor = if has_more {
-        items.last().map(cursor_of)
-    } else {
-        None
-    };
-    Page { items, next_cursor }
-}
-
 fn batch_of_job(conn: &Connection, scope: &Scope, id: JobId) -> Result<Batch, StoreError> {
     let batch_id: Option<String> = conn
         .prepare_cached("SELECT batch_id FROM jobs WHERE id = ?1")
@@ -132,7 +110,7 @@ impl AdminStore for SqliteStore {
         filter: BatchFilter,
     ) -> Result<Page<Batch>, StoreError> {
         let scope = scope.clone();
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         self.read("list batches", move |conn| {
             let mut query = format!(
                 "SELECT {} FROM batches WHERE accepted = 1",
@@ -160,7 +138,7 @@ impl AdminStore for SqliteStore {
             }
             query.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
             let batches = read::batches(conn, &query, &values)?;
-            Ok(into_page(batches, limit, |b| b.id.to_string()))
+            Ok(Page::from_rows(batches, limit, |b| b.id.to_string()))
         })
         .await
     }
@@ -172,7 +150,7 @@ impl AdminStore for SqliteStore {
         filter: ItemFilter,
     ) -> Result<Page<Job>, StoreError> {
         let scope = scope.clone();
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         self.read("list batch items", move |conn| {
             read::batch(conn, &scope, batch_id)?;
 
@@ -190,7 +168,7 @@ impl AdminStore for SqliteStore {
             }
             query.push_str(&format!(" ORDER BY seq LIMIT {}", limit + 1));
             let jobs = read::jobs(conn, &query, &values)?;
-            Ok(into_page(jobs, limit, |job| job.seq.to_string()))
+            Ok(Page::from_rows(jobs, limit, |job| job.seq.to_string()))
         })
         .await
     }
@@ -288,10 +266,10 @@ impl AdminStore for SqliteStore {
         filter: DeadLetterFilter,
     ) -> Result<Page<Job>, StoreError> {
         let scope = scope.clone();
-        let limit = page_limit(filter.limit);
+        let limit = domain::page_limit(filter.limit);
         self.read("list dead letters", move |conn| {
             let jobs = dead_ids(conn, &scope, &filter, limit + 1)?;
-            Ok(into_page(jobs, limit, |job| job.id.to_string()))
+            Ok(Page::from_rows(jobs, limit, |job| job.id.to_string()))
         })
         .await
     }
@@ -318,7 +296,7 @@ impl AdminStore for SqliteStore {
                         visible
                     }
                     RedriveSelection::Matching(filter) => {
-                        let limit = page_limit(filter.limit);
+                        let limit = domain::page_limit(filter.limit);
                         dead_ids(conn, &scope, &filter, limit)?
                             .into_iter()
                             .map(|job| job.id)

@@ -19,34 +19,6 @@ use crate::{SqliteStore, db_error, from_millis, read, sql, to_millis};
 /// Most expired leases or due jobs handled by one transaction.
 const SWEEP_LIMIT: u32 = 1_000;
 
-/// Longest accepted kind name and idempotency key, in bytes.
-const MAX_KIND_LEN: usize = 128;
-const MAX_KEY_LEN: usize = 255;
-
-fn validate(batch: &NewBatch) -> Result<(), StoreError> {
-    let invalid = |field, reason: &str| {
-        Err(StoreError::Invalid {
-            field,
-            reason: reason.to_owned(),
-        })
-    };
-    if batch.kind.is_empty() || batch.kind.len() > MAX_KIND_LEN {
-        return invalid("kind", "must be 1 to 128 bytes long");
-    }
-    if batch.owner.as_str().is_empty() {
-        return invalid("owner", "must not be empty");
-    }
-    if batch.max_attempts == 0 {
-        return invalid("maxAttempts", "must be at least 1");
-    }
-    if let Some(key) = &batch.idempotency_key
-        && (key.is_empty() || key.len() > MAX_KEY_LEN)
-    {
-        return invalid("idempotencyKey", "must be 1 to 255 bytes long");
-    }
-    Ok(())
-}
-
 /// Outcome of the first step of a creation, inside the writer.
 enum Begun {
     Started,
@@ -442,7 +414,7 @@ impl SqliteStore {
     }
 
     async fn begin(&self, batch: NewBatch, now: DateTime<Utc>) -> Result<BeginOutcome, StoreError> {
-        validate(&batch)?;
+        batch.validate()?;
         let staging = StagingBatch {
             id: batch.id,
             owner: batch.owner.clone(),
@@ -511,7 +483,7 @@ impl SqliteStore {
         items: Vec<NewJob>,
         now: DateTime<Utc>,
     ) -> Result<CreatedBatch, StoreError> {
-        validate(&batch)?;
+        batch.validate()?;
         let chunk = self.config().release_chunk_rows.max(1);
         self.writer()
             .write("create batch", true, move |conn| {
