@@ -393,3 +393,44 @@ message = "slow down"
         "three requests per minute across both processes"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
+    let schema = testing::unique_schema();
+    let kinds = "[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 4\n";
+    let first = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let second = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let alice = token("alice", false);
+
+    // Eight long jobs: each process runs four of them.
+    let id = create_sleep_batch(&first, &alice, 8, 30_000).await;
+    let started = Instant::now();
+    loop {
+        let running = metric(&first, "batchd_jobs_started_total").await
+            + metric(&second, "batchd_jobs_started_total").await;
+        if running == 8 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {running} of 8 jobs started within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metric(&first, "batchd_jobs_started_total").await > 0);
+    assert!(metric(&second, "batchd_jobs_started_total").await > 0);
+
+    let (status, body) = call(
+        client()
+            .post(second.url(&format!("/api/batches/{id}/cancel")))
+            .bearer_auth(&alice),
+    )
+    .await;
+    assert!(status == 200 || status == 202, "{status} {body}");
+
+    // The handlers sleep for 30 s; only a cancellation ends them sooner.
+    let batch = wait_terminal(&first, &alice, &id, Duration::from_secs(15)).await;
+    assert_eq!(batch["status"], "cancelled", "{batch}");
+    assert_eq!(batch["cancelled"], 8, "{batch}");
+    assert_eq!(batch["succeeded"], 0, "{batch}");
+}

@@ -5,6 +5,8 @@
 //! - `wake`: another process made jobs runnable; idle workers of those
 //!   kinds claim at once instead of at their next poll.
 //! - `kindControls` and `flagsChanged`: re-read pauses or feature flags.
+//! - `cancelRunning`: a batch was cancelled; stop the handlers of its jobs
+//!   that run here.
 //! - `relay`: queue events of another process, handed to this process's
 //!   WebSocket hub, so a client sees progress of work done anywhere.
 //! - a resync (the listener reconnected, or this process fell behind):
@@ -68,6 +70,16 @@ async fn listen(
         match signal {
             Ok(Signal::Wake { kinds }) => queue.wake(&kinds),
             Ok(Signal::KindControls) => queue.refresh_controls().await,
+            Ok(Signal::CancelRunning { jobs }) => {
+                let jobs: Vec<domain::JobId> = jobs.into_iter().map(domain::JobId).collect();
+                let stopped = queue.cancel_running(&jobs);
+                if stopped > 0 {
+                    tracing::info!(
+                        stopped,
+                        "stopped handlers of jobs whose batch was cancelled elsewhere"
+                    );
+                }
+            }
             Ok(Signal::FlagsChanged { revision }) => {
                 if flags.revision() < revision {
                     refresh_flags(&flags).await;

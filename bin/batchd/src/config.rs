@@ -508,6 +508,11 @@ impl Config {
         if self.postgres.statement_timeout_seconds == 0 {
             bail!("config key postgres.statement_timeout_seconds: must be at least 1");
         }
+        if self.postgres.abandon_staging_minutes == 0 {
+            bail!(
+                "config key postgres.abandon_staging_minutes: must be at least 1, or uploads still streaming would be deleted"
+            );
+        }
         if self.flags.refresh_interval_ms == 0 {
             bail!("config key flags.refresh_interval_ms: must be at least 1");
         }

@@ -33,6 +33,9 @@ pub enum Signal {
     FlagsChanged { revision: u64 },
     /// An operator paused or resumed a kind.
     KindControls,
+    /// A batch was cancelled while these jobs ran; whichever process runs
+    /// them should stop their handlers.
+    CancelRunning { jobs: Vec<i64> },
     /// Events a process relays to the others, in the relaying
     /// application's own encoding. `origin` names the sender, so it can
     /// skip its own.
@@ -218,6 +221,7 @@ mod tests {
             },
             Signal::FlagsChanged { revision: 7 },
             Signal::KindControls,
+            Signal::CancelRunning { jobs: vec![7, 9] },
             Signal::Relay {
                 origin: "p1".into(),
                 payload: serde_json::json!([1, 2]),

@@ -47,7 +47,9 @@ pub(crate) trait Announce {
 
 impl Announce for ChangeSet {
     fn signals(&self) -> Vec<Signal> {
-        wake_signals(&self.runnable_kinds)
+        let mut signals = wake_signals(&self.runnable_kinds);
+        signals.extend(cancel_signals(&self.cancel_running));
+        signals
     }
 }
 
@@ -105,6 +107,19 @@ impl Announce for Option<u64> {}
 impl Announce for Vec<JobId> {}
 impl Announce for Vec<ClaimedJob> {}
 impl Announce for crate::create::Begun {}
+
+/// Job ids per cancellation signal: 20 bytes each at most, with a comma,
+/// keeps a signal well under PostgreSQL's notification payload limit.
+const CANCEL_IDS_PER_SIGNAL: usize = 350;
+
+/// Tells every process which running jobs lost their batch.
+pub(crate) fn cancel_signals(jobs: &[JobId]) -> Vec<Signal> {
+    jobs.chunks(CANCEL_IDS_PER_SIGNAL)
+        .map(|chunk| Signal::CancelRunning {
+            jobs: chunk.iter().map(|job| job.0).collect(),
+        })
+        .collect()
+}
 
 /// Splits woken kinds into as few wake signals as fit PostgreSQL's
 /// notification payload limit.
@@ -317,6 +332,26 @@ mod tests {
 
     use super::*;
     use crate::testing;
+
+    #[test]
+    fn cancellations_fit_the_payload_limit() {
+        let jobs: Vec<JobId> = (0..1_000).map(|n| JobId(i64::MAX - n)).collect();
+        let signals = cancel_signals(&jobs);
+        assert_eq!(signals.len(), 3);
+        let mut sent = 0;
+        for signal in &signals {
+            let encoded = serde_json::to_string(signal).unwrap();
+            assert!(
+                encoded.len() <= notify::MAX_SIGNAL_BYTES,
+                "{} bytes",
+                encoded.len()
+            );
+            if let Signal::CancelRunning { jobs } = signal {
+                sent += jobs.len();
+            }
+        }
+        assert_eq!(sent, jobs.len());
+    }
 
     #[test]
     fn only_deadlocks_and_serialization_failures_are_retried() {

@@ -514,6 +514,21 @@ impl Queue {
         self.inner.promoter_wake.notify_one();
     }
 
+    /// Stops the handlers of these jobs, if they run here, because their
+    /// batch was cancelled (by another process: this one's own cancels
+    /// signal their handlers already). Returns how many were running here.
+    pub fn cancel_running(&self, jobs: &[JobId]) -> usize {
+        let inflight = lock(&self.inner.inflight);
+        let mut signalled = 0;
+        for job_id in jobs {
+            if let Some(job) = inflight.get(job_id) {
+                job.cancel(CancelReason::Batch);
+                signalled += 1;
+            }
+        }
+        signalled
+    }
+
     /// Re-reads which kinds are paused, after another process changed it.
     pub async fn refresh_controls(&self) {
         self.inner.refresh_controls().await;
