@@ -219,6 +219,16 @@ impl ConnectionShared {
                 state.mark_finished(batch_id, finished.generation);
                 state.outbox.push(text.clone(), true, now);
             }
+            // A job's final state that arrives after its batch's finish was
+            // relayed from a slower process: the finish already covers it,
+            // and nothing may follow the final state.
+            QueueEvent::JobCompleted(_)
+            | QueueEvent::JobFailed(_)
+            | QueueEvent::JobCancelled(_)
+                if state.finished.contains_key(&batch_id) =>
+            {
+                return;
+            }
             _ => state.outbox.push(text.clone(), false, now),
         }
         self.wake_after(&state);

@@ -378,6 +378,25 @@ async fn older_progress_from_another_process_is_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_result_relayed_after_the_finish_is_dropped() {
+    let (hub, _source) = hub();
+    let alice = user("alice");
+    let batch_id = BatchId::new();
+    let connection = hub.connect(alice.clone());
+    connection
+        .handle_text(r#"{"type":"subscribe","all":true}"#)
+        .await;
+
+    hub.publish(&job_completed(&alice, batch_id, 0));
+    hub.publish(&finished(&alice, batch_id, 2, 0));
+    hub.publish(&job_completed(&alice, batch_id, 1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let frames = drain(&connection).await;
+    assert_eq!(types(&frames), ["job.completed", "batch.finished"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn snapshot_skipped_after_finished() {
     let (hub, source) = hub();
     let alice = user("alice");
