@@ -323,7 +323,17 @@ where
     let handle = server.handle();
     let serving = tokio::spawn(server);
 
-    tracing::info!(%addr, database = %target.describe(), kinds = ?queue.kinds(), "batchd listening");
+    let schema = match &backend {
+        Backend::Postgres(store) => store.config().schema.clone(),
+        Backend::Sqlite(_) => None,
+    };
+    tracing::info!(
+        %addr,
+        database = %target.describe(),
+        schema = schema.as_deref().unwrap_or(""),
+        kinds = ?queue.kinds(),
+        "batchd listening"
+    );
     Ok(Running {
         addr,
         hub,

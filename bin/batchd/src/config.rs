@@ -165,7 +165,7 @@ impl Default for PostgresSettings {
             schema: None,
             pool_size: 16,
             statement_timeout_seconds: 60,
-            abandon_staging_minutes: 15,
+            abandon_staging_minutes: 5,
         }
     }
 }

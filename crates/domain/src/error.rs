@@ -34,7 +34,9 @@ pub enum StoreError {
     IdempotencyMismatch { key: String },
 
     /// The first request with this idempotency key is still inserting items.
-    #[error("a batch with idempotency key {key:?} is still being created; retry shortly")]
+    #[error(
+        "a batch with idempotency key {key:?} is still being created by an earlier request; retry shortly, or, if that request was cut off, once its partial batch is discarded"
+    )]
     IdempotencyInProgress { key: String },
 
     /// The caller passed a value the store cannot accept.

@@ -91,7 +91,7 @@ impl PgConfig {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(60),
             insert_chunk_rows: 1_000,
-            abandon_staging_after: Duration::from_secs(15 * 60),
+            abandon_staging_after: Duration::from_secs(5 * 60),
         }
     }
 
@@ -120,7 +120,7 @@ pub enum OpenError {
     )]
     Url(#[source] tokio_postgres::Error),
     #[error(
-        "schema name {schema:?} is not valid: use 1 to 50 ASCII letters, digits or underscores, not starting with a digit"
+        "schema name {schema:?} is not valid: use 1 to 50 lowercase ASCII letters, digits or underscores, not starting with a digit"
     )]
     Schema { schema: String },
     #[error("cannot connect to PostgreSQL at {target}")]
@@ -340,12 +340,14 @@ fn describe(config: &tokio_postgres::Config) -> String {
 /// name, so only plain identifiers are accepted.
 fn validate_schema(schema: &str) -> Result<(), OpenError> {
     let mut chars = schema.chars();
+    // Lowercase only: PostgreSQL folds unquoted names to lowercase, so
+    // "Jobs" would silently become "jobs".
     let plain_start = chars
         .next()
-        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
+        .is_some_and(|first| first.is_ascii_lowercase() || first == '_');
     let plain_rest = schema
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain_start && plain_rest && schema.len() <= 50 {
         Ok(())
     } else {
@@ -447,7 +449,7 @@ mod tests {
         for good in ["batchd", "_x", "tenant_42"] {
             assert!(validate_schema(good).is_ok(), "{good}");
         }
-        for bad in ["", "1abc", "a-b", "a;drop", "a b", &"x".repeat(51)] {
+        for bad in ["", "1abc", "a-b", "a;drop", "a b", "Jobs", &"x".repeat(51)] {
             assert!(validate_schema(bad).is_err(), "{bad}");
         }
     }

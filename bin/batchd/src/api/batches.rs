@@ -22,6 +22,11 @@ use crate::error::ApiError;
 /// Longest accepted Idempotency-Key, in bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Longest a streamed upload with buffered items goes without writing
+/// them. The PostgreSQL store deletes an upload that wrote nothing for
+/// `abandon_staging_minutes` (5 by default) as abandoned by a dead process.
+const STAGING_TOUCH: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Reads the next part of a body. A client that stops sending for
 /// `idle` gets 408 instead of holding the connection forever.
 async fn next_chunk(
@@ -414,6 +419,7 @@ async fn stream_items(
     };
 
     let idle = std::time::Duration::from_secs(limits.body_idle_timeout_seconds.max(1));
+    let mut last_append = std::time::Instant::now();
     while let Some(chunk) = next_chunk(&mut payload, idle).await? {
         received += chunk.len() as u64;
         if received > limits.max_ndjson_body_bytes {
@@ -444,10 +450,14 @@ async fn stream_items(
             ));
         }
 
-        if pending.len() >= chunk_rows {
+        // A slow upload still writes every STAGING_TOUCH, so the store can
+        // tell a live upload from one whose process died.
+        let stale = !pending.is_empty() && last_append.elapsed() >= STAGING_TOUCH;
+        if pending.len() >= chunk_rows || stale {
             let part = std::mem::replace(&mut pending, Vec::with_capacity(chunk_rows));
             state.consume_item_budget(user, part.len() as u64).await?;
             state.queue.append_items(&mut staging, part).await?;
+            last_append = std::time::Instant::now();
         }
     }
     if !buffer.is_empty() {
