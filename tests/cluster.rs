@@ -398,8 +398,14 @@ message = "slow down"
 async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 4\n";
-    let first = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
-    let second = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let first = Server::start_in(
+        &tempfile::tempdir().unwrap().keep(),
+        &config(&schema, kinds),
+    );
+    let second = Server::start_in(
+        &tempfile::tempdir().unwrap().keep(),
+        &config(&schema, kinds),
+    );
     let alice = token("alice", false);
 
     // Eight long jobs: each process runs four of them.
@@ -433,4 +439,35 @@ async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
     assert_eq!(batch["status"], "cancelled", "{batch}");
     assert_eq!(batch["cancelled"], 8, "{batch}");
     assert_eq!(batch["succeeded"], 0, "{batch}");
+}
+
+#[actix_web::test]
+async fn a_ticket_from_one_process_opens_a_socket_on_another_once() {
+    let schema = testing::unique_schema();
+    let kinds = "[kinds.noop]\nhandler = \"noop\"\n";
+    let issuer = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let other = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let alice = token("alice", false);
+
+    let (status, body) = call(
+        client()
+            .post(issuer.url("/api/ws/tickets"))
+            .bearer_auth(&alice),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let ticket = body["ticket"].as_str().unwrap().to_owned();
+
+    let url = format!("ws://{}/ws?ticket={ticket}", other.addr);
+    let first = awc::Client::new().ws(&url).connect().await;
+    assert!(first.is_ok(), "the other process accepts the ticket");
+
+    let again = format!("ws://{}/ws?ticket={ticket}", issuer.addr);
+    match awc::Client::new().ws(&again).connect().await {
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
+            assert_eq!(status.as_u16(), 401, "a used ticket is refused everywhere");
+        }
+        Err(error) => panic!("unexpected error: {error}"),
+        Ok(_) => panic!("a used ticket opened a second socket"),
+    }
 }

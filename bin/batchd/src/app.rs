@@ -23,6 +23,7 @@ use crate::config::{Config, DatabaseTarget, HandlerName, KindSettings};
 use crate::correlation::Correlation;
 use crate::handlers;
 use crate::limits::{Limits, RateLimit};
+use crate::tickets::{SharedTickets, Tickets};
 
 /// A running server: its address and what is needed to stop it.
 pub struct Running {
@@ -257,6 +258,18 @@ where
     )
     .context("config key gateway.allowed_origins")?;
 
+    // Behind a load balancer a ticket is often redeemed by another process
+    // than the one that issued it.
+    let tickets = match &backend {
+        Backend::Postgres(_) => Tickets::Shared(SharedTickets::new(
+            &secret,
+            chrono::Duration::seconds(30),
+            store.clone(),
+            Arc::new(SystemClock),
+        )),
+        Backend::Sqlite(_) => Tickets::Local(gateway::TicketStore::default()),
+    };
+
     let config = Arc::new(config);
     let state = web::Data::new(AppState {
         queue: queue.clone(),
@@ -266,7 +279,7 @@ where
         limits: limits.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
-        tickets: gateway::TicketStore::default(),
+        tickets,
         origins,
     });
     let limits = web::Data::new(limits);

@@ -19,6 +19,7 @@ mod demo;
 mod error;
 mod handlers;
 mod limits;
+mod tickets;
 
 use config::{Config, Overrides};
 
@@ -88,9 +89,10 @@ struct ServerArgs {
     /// Address to listen on, as host:port [default: 127.0.0.1:8080].
     #[arg(long, env = "BATCHD_LISTEN", value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// SQLite database file; relative paths are under the data directory
-    /// [default: batchd.db].
-    #[arg(long, env = "BATCHD_DATABASE", value_name = "PATH")]
+    /// SQLite database file, relative paths under the data directory
+    /// [default: batchd.db]; or a postgres:// URL, shared by several
+    /// processes.
+    #[arg(long, env = "BATCHD_DATABASE", value_name = "PATH|URL")]
     database: Option<String>,
     /// Directory for the database and downloaded documents
     /// [default: batchd-data].

@@ -33,7 +33,7 @@ pub struct AppState {
     pub limits: crate::limits::Limits,
     pub metrics: Arc<telemetry::Metrics>,
     pub hub: Arc<gateway::Hub>,
-    pub tickets: gateway::TicketStore,
+    pub tickets: crate::tickets::Tickets,
     pub origins: gateway::OriginPolicy,
 }
 

@@ -109,7 +109,7 @@ pub async fn connect(
     } else if let Some(token) = &from_protocol {
         auth.verify(token).map_err(rejected)?.id
     } else if let Some(ticket) = &query.ticket {
-        state.tickets.redeem(ticket).map_err(|error| {
+        state.tickets.redeem(ticket).await.map_err(|error| {
             tracing::warn!(target: "security", %error, "websocket ticket rejected");
             ApiError::unauthorized("TICKET_INVALID", error.to_string())
         })?
@@ -156,7 +156,7 @@ pub async fn ticket(user: AuthUser, state: web::Data<AppState>) -> Result<HttpRe
         )
     })?;
     Ok(HttpResponse::Created().json(serde_json::json!({
-        "ticket": ticket.as_str(),
+        "ticket": ticket,
         "expiresAt": expires_at,
     })))
 }
