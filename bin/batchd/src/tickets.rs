@@ -22,10 +22,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// Rate-limit policy under which redeemed nonces are remembered.
 const REDEEMED_POLICY: &str = "ws.ticket";
 
-/// Tag of the ticket format, so a later format can be told apart.
+/// Tag of the ticket format, so a later format can be recognized.
 const VERSION: &str = "t1";
 
-/// Where tickets are issued and redeemed.
+/// The ticket issuer of a server: in memory, or signed and shared.
 #[derive(Debug)]
 pub enum Tickets {
     /// In this process's memory; for a single process.
