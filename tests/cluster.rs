@@ -445,8 +445,14 @@ async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
 async fn a_ticket_from_one_process_opens_a_socket_on_another_once() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.noop]\nhandler = \"noop\"\n";
-    let issuer = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
-    let other = Server::start_in(&tempfile::tempdir().unwrap().keep(), &config(&schema, kinds));
+    let issuer = Server::start_in(
+        &tempfile::tempdir().unwrap().keep(),
+        &config(&schema, kinds),
+    );
+    let other = Server::start_in(
+        &tempfile::tempdir().unwrap().keep(),
+        &config(&schema, kinds),
+    );
     let alice = token("alice", false);
 
     let (status, body) = call(

@@ -50,12 +50,12 @@ struct Report {
 
 #[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Machine {
-    cores: usize,
-    memory_mib: u64,
-    sqlite_version: String,
-    batchd_version: String,
-    git_commit: String,
+pub(crate) struct Machine {
+    pub(crate) cores: usize,
+    pub(crate) memory_mib: u64,
+    pub(crate) sqlite_version: String,
+    pub(crate) batchd_version: String,
+    pub(crate) git_commit: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -140,7 +140,7 @@ fn fresh_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn remove_directories() {
+pub(crate) fn remove_directories() {
     let dirs = DIRECTORIES
         .lock()
         .map(|mut dirs| std::mem::take(&mut *dirs))
@@ -169,7 +169,7 @@ fn quiet_queue_config() -> QueueConfig {
     }
 }
 
-fn machine() -> Machine {
+pub(crate) fn machine() -> Machine {
     let memory_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|info| {
@@ -465,11 +465,12 @@ async fn mixed(rate: u32, seconds: u64) -> anyhow::Result<Mixed> {
     })
 }
 
-/// A `batchd serve` child process, so its memory is measured apart from
-/// the bench's own.
-struct ServerChild {
+/// A `batchd serve` child process, killed when dropped. The protocol runs
+/// servers as children so their memory is measured apart from the bench's
+/// own, and `--cluster` runs several at once.
+pub(crate) struct ServerChild {
     child: std::process::Child,
-    addr: String,
+    pub(crate) addr: String,
     secret: String,
 }
 
@@ -482,30 +483,32 @@ impl Drop for ServerChild {
 
 impl ServerChild {
     fn start() -> anyhow::Result<Self> {
+        let config = "[limits]\nmax_items_per_batch = 1000000\n\n[rate_limits]\ndisabled = true\n\n\
+             [kinds.noop]\nhandler = \"noop\"\n\n[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 1000\n";
+        Self::spawn(config, &random_secret(), Stdio::null())
+    }
+
+    /// Starts `batchd serve` on an ephemeral loopback port with `config`
+    /// (TOML) in a fresh data directory, signing tokens with `secret`.
+    /// The child logs errors only, to `stderr`.
+    pub(crate) fn spawn(config: &str, secret: &str, stderr: Stdio) -> anyhow::Result<Self> {
         use std::io::{BufRead, BufReader};
 
         let dir = fresh_dir()?;
-        let config = dir.join("batchd.toml");
-        std::fs::write(
-            &config,
-            "[limits]\nmax_items_per_batch = 1000000\n\n[rate_limits]\ndisabled = true\n\n\
-             [kinds.noop]\nhandler = \"noop\"\n\n[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 1000\n",
-        )?;
-        let secret = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
+        let config_path = dir.join("batchd.toml");
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("writing {} failed", config_path.display()))?;
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
+            .arg(&config_path)
             .arg("--data-dir")
             .arg(&dir)
-            .env("BATCHD_JWT_SECRET", &secret)
+            .env("BATCHD_JWT_SECRET", secret)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
+            .stderr(stderr)
+            .spawn()
+            .context("starting a `batchd serve` child process failed")?;
         let stdout = child
             .stdout
             .take()
@@ -521,7 +524,7 @@ impl ServerChild {
         Ok(Self {
             child,
             addr,
-            secret,
+            secret: secret.to_owned(),
         })
     }
 
@@ -539,11 +542,11 @@ impl ServerChild {
         Some(kib / 1024.0)
     }
 
-    fn token(&self) -> anyhow::Result<String> {
+    pub(crate) fn token(&self) -> anyhow::Result<String> {
         Auth::new(&self.secret).mint("bench", false, 3_600)
     }
 
-    async fn batch_status(
+    pub(crate) async fn batch_status(
         &self,
         client: &reqwest::Client,
         token: &str,
@@ -557,6 +560,15 @@ impl ServerChild {
             .json()
             .await?)
     }
+}
+
+/// Generates a random HS256 secret of 64 hexadecimal characters.
+pub(crate) fn random_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Peak RSS of a server process while 1,000 jobs run at once.

@@ -12,6 +12,7 @@ mod api;
 mod app;
 mod auth;
 mod bench;
+mod bench_cluster;
 mod cluster;
 mod config;
 mod correlation;
@@ -44,8 +45,9 @@ enum Command {
     /// loopback document server, a fetch batch over HTTP, live progress,
     /// and the result.
     Demo(DemoArgs),
-    /// Run the benchmark protocol on fresh SQLite files and print the
-    /// results, as a table or as JSON.
+    /// Run the benchmark protocol on fresh SQLite files, or with --cluster
+    /// the throughput of several processes on one PostgreSQL database, and
+    /// print the results, as a table or as JSON.
     Bench(BenchArgs),
     /// Worker process of the crash benchmark; not for direct use.
     #[command(hide = true)]
@@ -60,24 +62,65 @@ struct BenchArgs {
     /// Print the results as JSON on standard output.
     #[arg(long)]
     json: bool,
-    /// Items per enqueue and drain run.
-    #[arg(long, default_value_t = 100_000, value_name = "COUNT")]
-    items: usize,
+    /// Items per enqueue and drain run [default: 100000], or per batch
+    /// with --cluster [default: 20000].
+    #[arg(long, value_name = "COUNT")]
+    items: Option<usize>,
     /// Offered load of the mixed run, in jobs per second.
-    #[arg(long, default_value_t = 200, value_name = "PER_SECOND")]
+    #[arg(
+        long,
+        default_value_t = 200,
+        value_name = "PER_SECOND",
+        conflicts_with = "cluster"
+    )]
     mixed_rate: u32,
     /// Length of the mixed run, in seconds; 0 skips it.
-    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    #[arg(
+        long,
+        default_value_t = 10,
+        value_name = "SECONDS",
+        conflicts_with = "cluster"
+    )]
     mixed_seconds: u64,
     /// Jobs enqueued one at a time for the pickup latency run.
-    #[arg(long, default_value_t = 1_000, value_name = "COUNT")]
+    #[arg(
+        long,
+        default_value_t = 1_000,
+        value_name = "COUNT",
+        conflicts_with = "cluster"
+    )]
     pickup_samples: usize,
     /// Skip the 1,000,000-item NDJSON memory run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cluster")]
     skip_million: bool,
     /// Skip the crash-recovery run, which starts worker processes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cluster")]
     skip_crash: bool,
+    /// Instead of the protocol, measure `batchd serve` processes sharing
+    /// one PostgreSQL database: no-op and 10 ms sleep batches at each
+    /// process count, each run on a new schema that is dropped afterwards.
+    #[arg(long)]
+    cluster: bool,
+    /// PostgreSQL URL for --cluster. Its user needs the right to create
+    /// and drop schemas.
+    #[arg(
+        long,
+        env = postgres_store::testing::DATABASE_URL_VAR,
+        default_value = postgres_store::testing::DEFAULT_DATABASE_URL,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Process counts for --cluster, comma-separated. The first is the
+    /// baseline of the ratios.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,3",
+        value_name = "COUNTS",
+        requires = "cluster"
+    )]
+    processes: Vec<usize>,
 }
 
 /// Settings shared by every command that reads the configuration.
@@ -256,6 +299,22 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Demo(args) => init_console_logging("warn")
             .and_then(|_logging| runtime.block_on(demo::run(args.items, args.keep))),
+        Command::Bench(args) if args.cluster => {
+            let _logging = match init_console_logging("error") {
+                Ok(guard) => guard,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = bench_cluster::ClusterOptions {
+                database_url: args.database_url,
+                processes: args.processes,
+                items: args.items.unwrap_or(20_000),
+                json: args.json,
+            };
+            runtime.block_on(bench_cluster::run(options))
+        }
         Command::Bench(args) => {
             let _logging = match init_console_logging("error") {
                 Ok(guard) => guard,
@@ -265,7 +324,7 @@ fn main() -> ExitCode {
                 }
             };
             let options = bench::BenchOptions {
-                items: args.items,
+                items: args.items.unwrap_or(100_000),
                 json: args.json,
                 mixed_rate: args.mixed_rate,
                 mixed_seconds: args.mixed_seconds,

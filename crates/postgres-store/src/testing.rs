@@ -77,9 +77,14 @@ pub async fn drop_stale_schemas() -> Result<u64, tokio_postgres::Error> {
     Ok(dropped)
 }
 
-/// Drops one schema and everything in it.
+/// Drops one schema and everything in it, on the test database.
 pub async fn drop_schema(schema: &str) -> Result<(), tokio_postgres::Error> {
-    let config: tokio_postgres::Config = database_url().parse()?;
+    drop_schema_on(&database_url(), schema).await
+}
+
+/// Drops one schema and everything in it, on the database at `url`.
+pub async fn drop_schema_on(url: &str, schema: &str) -> Result<(), tokio_postgres::Error> {
+    let config: tokio_postgres::Config = url.parse()?;
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     let driver = tokio::spawn(connection);
     let quoted = schema.replace('"', "\"\"");
