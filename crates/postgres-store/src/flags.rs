@@ -24,9 +24,9 @@ use domain::{
     FlagPatch, FlagStore, FlagStoreError, NewFlag, Page, Rollout, StoreError, UserId,
     check_flag_version, validate_actor,
 };
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
+use crate::read::{column, corrupt, execute, query, query_opt};
 use crate::write::{begin_read_committed, retry_transaction};
 use crate::{PgStore, Signal, db_error, notify};
 
@@ -76,82 +76,16 @@ LIMIT $3";
 /// A flag-level outcome inside a successful database operation.
 type Outcome<T> = Result<T, FlagStoreError>;
 
-/// Prepares `sql` through the connection's statement cache and runs it.
-async fn query_opt(
-    client: &impl GenericClient,
-    operation: &'static str,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>, StoreError> {
-    let statement = client
-        .prepare_cached(sql)
-        .await
-        .map_err(db_error(operation))?;
-    client
-        .query_opt(&statement, params)
-        .await
-        .map_err(db_error(operation))
-}
-
-async fn query(
-    client: &impl GenericClient,
-    operation: &'static str,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, StoreError> {
-    let statement = client
-        .prepare_cached(sql)
-        .await
-        .map_err(db_error(operation))?;
-    client
-        .query(&statement, params)
-        .await
-        .map_err(db_error(operation))
-}
-
-async fn execute(
-    client: &impl GenericClient,
-    operation: &'static str,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, StoreError> {
-    let statement = client
-        .prepare_cached(sql)
-        .await
-        .map_err(db_error(operation))?;
-    client
-        .execute(&statement, params)
-        .await
-        .map_err(db_error(operation))
-}
-
-fn corrupt(what: &'static str, value: impl ToString) -> StoreError {
-    StoreError::Corrupt {
-        what,
-        value: value.to_string(),
-    }
-}
-
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    index: usize,
-    operation: &'static str,
-) -> Result<T, StoreError> {
-    row.try_get(index).map_err(db_error(operation))
-}
-
 fn flag_from_row(row: &Row) -> Result<FeatureFlag, StoreError> {
-    const OPERATION: &str = "read feature flag row";
-
-    let name: String = column(row, 0, OPERATION)?;
-    let enabled: bool = column(row, 1, OPERATION)?;
-    let rollout: i16 = column(row, 2, OPERATION)?;
-    let allow_list: String = column(row, 3, OPERATION)?;
-    let deny_list: String = column(row, 4, OPERATION)?;
-    let metadata: String = column(row, 5, OPERATION)?;
-    let version: i64 = column(row, 6, OPERATION)?;
-    let created_at: i64 = column(row, 7, OPERATION)?;
-    let updated_at: i64 = column(row, 8, OPERATION)?;
+    let name: String = column(row, 0)?;
+    let enabled: bool = column(row, 1)?;
+    let rollout: i16 = column(row, 2)?;
+    let allow_list: String = column(row, 3)?;
+    let deny_list: String = column(row, 4)?;
+    let metadata: String = column(row, 5)?;
+    let version: i64 = column(row, 6)?;
+    let created_at: i64 = column(row, 7)?;
+    let updated_at: i64 = column(row, 8)?;
 
     Ok(FeatureFlag {
         name: FlagName::parse(name.clone()).map_err(|_| corrupt("flag name", name))?,
@@ -218,7 +152,7 @@ async fn read_revision(client: &impl GenericClient, sql: &str) -> Result<u64, St
     let row = query_opt(client, OPERATION, sql, &[])
         .await?
         .ok_or_else(|| corrupt("flag revision row", "missing"))?;
-    revision_value(column(&row, 0, OPERATION)?)
+    revision_value(column(&row, 0)?)
 }
 
 /// One flag write, borrowed by each attempt of its transaction.
@@ -265,7 +199,7 @@ async fn record_change(
     let row = query_opt(transaction, OPERATION, BUMP_REVISION, &[])
         .await?
         .ok_or_else(|| corrupt("flag revision row", "missing"))?;
-    let revision: i64 = column(&row, 0, OPERATION)?;
+    let revision: i64 = column(&row, 0)?;
 
     let before = before.map(flag_json).transpose()?;
     let after = after.map(flag_json).transpose()?;
@@ -446,16 +380,14 @@ async fn delete_in(
 }
 
 fn audit_from_row(row: &Row) -> Result<FlagAuditEntry, StoreError> {
-    const OPERATION: &str = "read feature flag audit row";
-
-    let id: i64 = column(row, 0, OPERATION)?;
-    let flag: String = column(row, 1, OPERATION)?;
-    let action: String = column(row, 2, OPERATION)?;
-    let actor: String = column(row, 3, OPERATION)?;
-    let revision: i64 = column(row, 4, OPERATION)?;
-    let at: i64 = column(row, 5, OPERATION)?;
-    let before: Option<String> = column(row, 6, OPERATION)?;
-    let after: Option<String> = column(row, 7, OPERATION)?;
+    let id: i64 = column(row, 0)?;
+    let flag: String = column(row, 1)?;
+    let action: String = column(row, 2)?;
+    let actor: String = column(row, 3)?;
+    let revision: i64 = column(row, 4)?;
+    let at: i64 = column(row, 5)?;
+    let before: Option<String> = column(row, 6)?;
+    let after: Option<String> = column(row, 7)?;
 
     let json = |what: &'static str,
                 text: Option<String>|

@@ -15,10 +15,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{GenericClient, Transaction};
+use deadpool_postgres::Transaction;
 use domain::{GcraOutcome, GcraRequest, RateLimitStore, StoreError};
 use tokio_postgres::types::ToSql;
 
+use crate::read::{column, execute, query_opt};
 use crate::write::{begin_read_committed, retry_transaction};
 use crate::{PgStore, db_error};
 
@@ -60,18 +61,8 @@ async fn locked_tat(
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Option<i64>, StoreError> {
-    const OPERATION: &str = "lock rate limit state";
-
-    let statement = transaction
-        .prepare_cached(sql)
-        .await
-        .map_err(db_error(OPERATION))?;
-    let row = transaction
-        .query_opt(&statement, params)
-        .await
-        .map_err(db_error(OPERATION))?;
-    row.map(|row| row.try_get(0).map_err(db_error(OPERATION)))
-        .transpose()
+    let row = query_opt(transaction, "lock rate limit state", sql, params).await?;
+    row.map(|row| column(&row, 0)).transpose()
 }
 
 impl PgStore {
@@ -99,17 +90,13 @@ impl PgStore {
             return Ok(outcome);
         }
 
-        let statement = transaction
-            .prepare_cached(UPDATE_TAT)
-            .await
-            .map_err(db_error("write rate limit state"))?;
-        let updated = transaction
-            .execute(
-                &statement,
-                &[&request.policy, &request.key, &outcome.tat_ms, &now_ms],
-            )
-            .await
-            .map_err(db_error("write rate limit state"))?;
+        let updated = execute(
+            &transaction,
+            "write rate limit state",
+            UPDATE_TAT,
+            &[&request.policy, &request.key, &outcome.tat_ms, &now_ms],
+        )
+        .await?;
         if updated != 1 {
             // The row is locked by this transaction, so it cannot vanish.
             return Err(StoreError::Corrupt {
@@ -135,17 +122,9 @@ impl RateLimitStore for PgStore {
         let now_ms = request.now.timestamp_millis();
         retry_transaction(OPERATION, || async {
             let client = self.client(OPERATION).await?;
-            let statement = client
-                .prepare_cached(REFUND_TAT)
-                .await
-                .map_err(db_error(OPERATION))?;
-            client
-                .execute(
-                    &statement,
-                    &[&request.policy, &request.key, &refund_ms, &now_ms],
-                )
-                .await
-                .map_err(db_error(OPERATION))
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&request.policy, &request.key, &refund_ms, &now_ms];
+            execute(&client, OPERATION, REFUND_TAT, &params).await
         })
         .await?;
         Ok(())
@@ -162,14 +141,7 @@ impl RateLimitStore for PgStore {
         let limit = i64::from(max_rows);
         let deleted = retry_transaction(OPERATION, || async {
             let client = self.client(OPERATION).await?;
-            let statement = client
-                .prepare_cached(DELETE_FULL)
-                .await
-                .map_err(db_error(OPERATION))?;
-            client
-                .execute(&statement, &[&now_ms, &limit])
-                .await
-                .map_err(db_error(OPERATION))
+            execute(&client, OPERATION, DELETE_FULL, &[&now_ms, &limit]).await
         })
         .await?;
         if deleted > 0 {
