@@ -25,7 +25,7 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ITEMS: usize = 20_000;
 
-/// A process's config on `schema`; `kinds` is the `[kinds]` part.
+/// Builds a process's config on `schema`, with `kinds` as its `[kinds]` part.
 fn config(schema: &str, kinds: &str) -> String {
     format!(
         r#"
@@ -114,7 +114,7 @@ fn attempts_histogram(items: &[Value]) -> HashMap<u64, usize> {
 }
 
 #[tokio::test]
-async fn three_processes_share_a_batch_and_run_every_item_once() {
+async fn three_processes_run_each_item_once() {
     let _heavy = HEAVY.lock().await;
     let schema = testing::unique_schema();
     let servers = start_three(&schema, SLEEP_KIND);
@@ -157,7 +157,7 @@ async fn three_processes_share_a_batch_and_run_every_item_once() {
 }
 
 #[tokio::test]
-async fn a_killed_process_loses_nothing() {
+async fn killed_process_loses_nothing() {
     let _heavy = HEAVY.lock().await;
     let schema = testing::unique_schema();
     let mut servers = start_three(&schema, SLEEP_KIND);
@@ -226,7 +226,7 @@ async fn next_json(socket: &mut Socket, wait: Duration) -> Option<Value> {
 }
 
 #[actix_web::test]
-async fn a_client_on_one_process_sees_work_done_on_another() {
+async fn client_sees_progress_from_other_process() {
     let schema = testing::unique_schema();
     // The watcher runs the kind at one job a minute, so the worker does
     // nearly all of the batch.
@@ -291,7 +291,7 @@ rate_per_minute = 1
 }
 
 #[tokio::test]
-async fn a_flag_change_on_one_process_applies_on_another_at_once() {
+async fn flag_change_reaches_other_process() {
     let schema = testing::unique_schema();
     // A refresh interval far longer than the test: only the notification
     // can carry the change in time.
@@ -348,7 +348,7 @@ async fn a_flag_change_on_one_process_applies_on_another_at_once() {
 }
 
 #[tokio::test]
-async fn a_rate_limit_holds_across_processes() {
+async fn rate_limit_spans_processes() {
     let schema = testing::unique_schema();
     let kinds = r#"
 [kinds.noop]
@@ -395,7 +395,7 @@ message = "slow down"
 }
 
 #[tokio::test]
-async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
+async fn cancel_stops_jobs_on_other_process() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 4\n";
     let first = Server::start_in(
@@ -442,7 +442,7 @@ async fn a_cancel_on_one_process_stops_jobs_running_on_another() {
 }
 
 #[actix_web::test]
-async fn a_ticket_from_one_process_opens_a_socket_on_another_once() {
+async fn ticket_opens_other_process_socket_once() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.noop]\nhandler = \"noop\"\n";
     let issuer = Server::start_in(

@@ -286,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn chunks_stay_under_the_budget_and_keep_every_event() {
+    fn chunks_fit_budget_and_keep_events() {
         let mut pending = Pending::default();
         let budget = 1_000;
         let batches: Vec<BatchId> = (0..40).map(|_| BatchId::new()).collect();
@@ -305,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_latest_progress_of_a_batch_is_kept() {
+    fn latest_batch_progress_is_kept() {
         let mut pending = Pending::default();
         let batch = BatchId::new();
         for succeeded in 1..=10 {
@@ -320,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn an_event_over_the_budget_is_dropped_not_split() {
+    fn oversized_event_is_dropped() {
         let mut pending = Pending::default();
         pending.push(progress(BatchId::new(), 1), 10);
         assert!(pending.take().is_empty());

@@ -170,7 +170,7 @@ impl Default for PostgresSettings {
     }
 }
 
-/// Where the jobs live.
+/// The database that stores the jobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseTarget {
     Sqlite(PathBuf),
@@ -179,7 +179,7 @@ pub enum DatabaseTarget {
 }
 
 impl DatabaseTarget {
-    /// A description for logs: the SQLite path, or the PostgreSQL URL
+    /// Returns a description for logs: the SQLite path, or the PostgreSQL URL
     /// without its password.
     pub fn describe(&self) -> String {
         match self {

@@ -5,9 +5,9 @@
 //! the one that issued it, so on PostgreSQL a ticket carries its own proof
 //! instead: the user, the expiry and a random nonce, signed with a key
 //! derived from the JWT secret that all processes share. Any process can
-//! check it. Single use holds across processes through the store's GCRA
-//! table: the first redemption of a nonce takes its only unit, which comes
-//! back only after the ticket has expired.
+//! check it. The store's GCRA table enforces single use across processes:
+//! the first redemption of a nonce takes its only unit, which comes back
+//! only after the ticket has expired.
 
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ impl Tickets {
     }
 }
 
-/// Signed tickets checked by any process that knows the JWT secret.
+/// Signed tickets that any process with the JWT secret can check.
 pub struct SharedTickets {
     key: Vec<u8>,
     ttl: Duration,
@@ -169,8 +169,8 @@ struct ParsedTicket {
 }
 
 fn mac(key: &[u8], message: &[u8]) -> [u8; 32] {
-    // HMAC takes keys of any length, so this cannot fail; an empty key
-    // would still produce a value, never a panic.
+    // HMAC accepts keys of any length, so the error branch is unreachable.
+    // It returns a value that matches no signature instead of panicking.
     let mut mac = match HmacSha256::new_from_slice(key) {
         Ok(mac) => mac,
         Err(_) => return [0; 32],
@@ -202,7 +202,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_ticket_from_one_process_works_once_on_another() {
+    async fn ticket_works_once_on_other_process() {
         let dir = tempfile::tempdir().unwrap();
         let clock = clock();
         let issuer = shared(&dir, clock.clone()).await;
@@ -223,7 +223,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_expired_or_altered_ticket_is_refused() {
+    async fn expired_or_altered_ticket_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let clock = clock();
         let tickets = shared(&dir, clock.clone()).await;

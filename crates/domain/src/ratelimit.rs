@@ -112,7 +112,7 @@ pub struct GcraRequest {
 }
 
 impl GcraRequest {
-    /// The time `self.cost` units occupy, `cost * T`, in milliseconds.
+    /// Returns the time `self.cost` units occupy, `cost * T`, in milliseconds.
     pub fn cost_ms(&self) -> i64 {
         i64::from(self.cost).saturating_mul(self.params.emission_interval_ms.max(1))
     }

@@ -299,7 +299,7 @@ pub struct Page<T> {
 /// Largest page any listing returns.
 pub const MAX_PAGE: u32 = 1_000;
 
-/// The page size a store uses for a requested `limit`: 100 when none was
+/// Returns the page size for a requested `limit`: 100 when none was
 /// given, never more than [`MAX_PAGE`].
 pub fn page_limit(limit: u32) -> u32 {
     match limit {
@@ -543,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn a_page_read_with_one_extra_row_has_a_cursor() {
+    fn page_with_extra_row_has_cursor() {
         let page = Page::from_rows(vec![1, 2, 3], 2, |n| n.to_string());
         assert_eq!(page.items, vec![1, 2]);
         assert_eq!(page.next_cursor.as_deref(), Some("2"));

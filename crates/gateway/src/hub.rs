@@ -92,8 +92,8 @@ struct ConnectionState {
     /// the same finish is dropped.
     finished: HashMap<BatchId, u32>,
     /// The highest batch revision seen for each batch. Events of one batch
-    /// can come from several processes and arrive out of order; one older
-    /// than what was already seen is dropped, so progress never goes back
+    /// can come from several processes and arrive out of order. An event
+    /// older than one already seen is dropped, so progress never goes back
     /// and nothing stale follows the final state.
     revisions: HashMap<BatchId, u64>,
 }

@@ -72,7 +72,7 @@ pub struct PgConfig {
     pub acquire_timeout: Duration,
     /// How long opening one connection may take.
     pub connect_timeout: Duration,
-    /// Longest a single statement may run before the server cancels it.
+    /// Maximum time a single statement may run before the server cancels it.
     pub statement_timeout: Duration,
     /// Items sent per INSERT when a batch is created.
     pub insert_chunk_rows: usize,
@@ -101,8 +101,9 @@ impl PgConfig {
         self
     }
 
-    /// The notification channel of this schema: processes on other schemas
-    /// of the same database never hear each other.
+    /// Returns the notification channel of this schema, so processes on
+    /// other schemas of the same database never receive each other's
+    /// signals.
     pub fn channel(&self) -> String {
         match &self.schema {
             Some(schema) => format!("batchd.{schema}"),

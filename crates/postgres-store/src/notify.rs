@@ -2,7 +2,7 @@
 //!
 //! A notification is best effort: PostgreSQL delivers it to every session
 //! listening when the sending transaction commits, and a session that was
-//! disconnected at that moment never sees it. So a signal only ever says
+//! disconnected at that moment never receives it. So a signal only ever says
 //! "look again"; the state it points to is always in the tables. After the
 //! listening connection is re-established, subscribers get
 //! [`Signal::Resync`] to make up for whatever they may have missed.
@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_SIGNAL_BYTES: usize = 7_999;
 
 /// How many signals a slow subscriber may fall behind before it misses
-/// some (and sees a lag error, which it should treat as a resync).
+/// some (and gets a lag error, which it should treat as a resync).
 const SIGNAL_BUFFER: usize = 4_096;
 
-/// What one process tells the others.
+/// A message one process sends to the others on the schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "signal", rename_all = "camelCase")]
 pub enum Signal {
@@ -147,8 +147,8 @@ async fn listen(
     }
 }
 
-/// One listening session: connects, subscribes, announces a resync and
-/// forwards notifications until the connection fails.
+/// Runs one listening session: connects, subscribes, announces a resync
+/// and forwards notifications until the connection fails.
 async fn listen_once(
     pg_config: &tokio_postgres::Config,
     channel: &str,

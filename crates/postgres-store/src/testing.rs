@@ -19,13 +19,13 @@ const SCHEMA_PREFIX: &str = "batchd_test_";
 /// Schemas older than this are left over from earlier runs and dropped.
 const STALE_AFTER_SECS: u64 = 60 * 60;
 
-/// The test database's URL.
+/// Returns the test database's URL.
 pub fn database_url() -> String {
     std::env::var(DATABASE_URL_VAR).unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
 }
 
-/// A new schema name, unique to this call. It carries its creation time,
-/// so [`drop_stale_schemas`] can tell leftovers of old runs.
+/// Returns a new schema name, unique to this call. The name contains its
+/// creation time, so [`drop_stale_schemas`] can recognize old leftovers.
 pub fn unique_schema() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -35,14 +35,13 @@ pub fn unique_schema() -> String {
     format!("{SCHEMA_PREFIX}{secs}_{}", &random[..12])
 }
 
-/// A config for the test database on a schema of its own.
+/// Returns a config for the test database on a schema of its own.
 pub fn isolated_config() -> PgConfig {
     PgConfig::new(database_url()).schema(unique_schema())
 }
 
-/// Drops test schemas created more than an hour ago. Tests call it
-/// now and then so the test database does not grow without bound; a
-/// schema still in use by a running test is never that old.
+/// Drops test schemas created more than an hour ago, so the test database
+/// does not grow without bound. No running test uses a schema that old.
 pub async fn drop_stale_schemas() -> Result<u64, tokio_postgres::Error> {
     let config: tokio_postgres::Config = database_url().parse()?;
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;

@@ -32,7 +32,7 @@ async fn two_processes_migrate_the_same_fresh_schema() {
 }
 
 #[tokio::test]
-async fn a_signal_reaches_every_store_on_the_schema_and_no_other() {
+async fn signal_reaches_only_its_schema() {
     let config = testing::isolated_config();
     let sender = PgStore::connect(config.clone()).await.unwrap();
     let peer = PgStore::connect(config.clone()).await.unwrap();
@@ -58,7 +58,7 @@ async fn a_signal_reaches_every_store_on_the_schema_and_no_other() {
 }
 
 #[tokio::test]
-async fn an_oversized_signal_is_refused_with_a_reason() {
+async fn oversized_signal_is_rejected() {
     let store = PgStore::connect(testing::isolated_config()).await.unwrap();
     let error = store
         .publish(&Signal::Relay {
@@ -71,7 +71,7 @@ async fn an_oversized_signal_is_refused_with_a_reason() {
 }
 
 #[tokio::test]
-async fn a_bad_url_is_a_clear_error() {
+async fn invalid_url_names_the_format() {
     let error = PgStore::connect(PgConfig::new("postgres://[not a host"))
         .await
         .unwrap_err();
@@ -79,7 +79,7 @@ async fn a_bad_url_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn the_listener_reconnects_and_announces_a_resync() {
+async fn listener_reconnects_with_resync() {
     let config = testing::isolated_config();
     let schema = config.schema.clone().unwrap();
     let store = PgStore::connect(config).await.unwrap();

@@ -883,9 +883,9 @@ impl Inner {
 
     /// Grants up to `wanted` starts under the kind's rate, in memory or in
     /// the store. Returns the grant and, when short, how long until the
-    /// next start fits. When the store cannot answer, nothing is granted:
-    /// running past a limit that protects someone else is worse than a
-    /// short delay.
+    /// next start fits. When the store check fails, nothing is granted,
+    /// because running past a limit that protects someone else is worse
+    /// than a short delay.
     async fn take_kind_rate(
         &self,
         kind: &KindState,
@@ -977,8 +977,8 @@ impl Inner {
         jobs
     }
 
-    /// Reads a shared-rate answer; when the store cannot answer, nothing is
-    /// granted, as for the kind's rate.
+    /// Reads the result of a shared-rate check. When the check failed,
+    /// nothing is granted, as for the kind's rate.
     fn granted_or_deferred(
         &self,
         checked: Result<(u32, Option<Duration>), StoreError>,

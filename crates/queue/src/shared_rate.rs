@@ -26,12 +26,12 @@ pub(crate) const KIND_POLICY: &str = "queue.kind";
 /// Policy name of a kind's per-owner rate.
 pub(crate) const USER_POLICY: &str = "queue.user";
 
-/// Checks that the store answers per key; a denial is followed by a
-/// smaller request for what still fits, so this bounds the round trips.
+/// Maximum store checks per grant. A denial reports how much still fits,
+/// so the next check asks for that, and a third check is rarely needed.
 const MAX_CHECKS: usize = 3;
 
-/// The GCRA parameters of a processing rate. The interval is rounded up,
-/// so the shared limit is never looser than the configured one.
+/// Returns the GCRA parameters of a processing rate. The interval is
+/// rounded up, so the shared limit is never looser than the configured one.
 pub(crate) fn params(rate: Rate) -> GcraParams {
     let max = u64::from(rate.max.max(1));
     let burst = i64::from(rate.burst().clamp(1, rate.max.max(1)));
@@ -241,7 +241,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partial_grant_takes_what_fits_in_few_checks() {
+    async fn partial_grant_takes_what_fits() {
         let store = Arc::new(MapStore::default());
         let shared = SharedRates::new(store.clone());
         let params = params(Rate {

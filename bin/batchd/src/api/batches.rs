@@ -22,7 +22,7 @@ use crate::error::ApiError;
 /// Longest accepted Idempotency-Key, in bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-/// Longest a streamed upload with buffered items goes without writing
+/// Maximum time a streamed upload with buffered items goes without writing
 /// them. The PostgreSQL store deletes an upload that wrote nothing for
 /// `abandon_staging_minutes` (5 by default) as abandoned by a dead process.
 const STAGING_TOUCH: std::time::Duration = std::time::Duration::from_secs(60);

@@ -333,7 +333,7 @@ async fn finished_always_delivered_last() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn older_progress_from_another_process_is_dropped() {
+async fn older_relayed_progress_is_dropped() {
     let (hub, _source) = hub();
     let alice = user("alice");
     let batch_id = BatchId::new();
@@ -378,7 +378,7 @@ async fn older_progress_from_another_process_is_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_job_result_relayed_after_the_finish_is_dropped() {
+async fn job_result_after_finish_is_dropped() {
     let (hub, _source) = hub();
     let alice = user("alice");
     let batch_id = BatchId::new();
