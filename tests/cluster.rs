@@ -50,13 +50,14 @@ handler = "sleep"
 concurrency = 16
 "#;
 
+/// Starts one process on `schema`, in a data directory of its own.
+fn start_process(schema: &str, kinds: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap().keep();
+    Server::start_in(&dir, &config(schema, kinds))
+}
+
 fn start_three(schema: &str, kinds: &str) -> Vec<Server> {
-    (0..3)
-        .map(|_| {
-            let dir = tempfile::tempdir().unwrap().keep();
-            Server::start_in(&dir, &config(schema, kinds))
-        })
-        .collect()
+    (0..3).map(|_| start_process(schema, kinds)).collect()
 }
 
 async fn create_sleep_batch(server: &Server, token: &str, items: usize, ms: u64) -> String {
@@ -230,21 +231,16 @@ async fn client_sees_progress_from_other_process() {
     let schema = testing::unique_schema();
     // The watcher runs the kind at one job a minute, so the worker does
     // nearly all of the batch.
-    let watcher_dir = tempfile::tempdir().unwrap().keep();
-    let watcher = Server::start_in(
-        &watcher_dir,
-        &config(
-            &schema,
-            r#"
+    let watcher = start_process(
+        &schema,
+        r#"
 [kinds.sleep]
 handler = "sleep"
 concurrency = 1
 rate_per_minute = 1
 "#,
-        ),
     );
-    let worker_dir = tempfile::tempdir().unwrap().keep();
-    let worker = Server::start_in(&worker_dir, &config(&schema, SLEEP_KIND));
+    let worker = start_process(&schema, SLEEP_KIND);
     let alice = token("alice", false);
 
     let (_, mut socket) = awc::Client::new()
@@ -296,14 +292,8 @@ async fn flag_change_reaches_other_process() {
     // A refresh interval far longer than the test: only the notification
     // can carry the change in time.
     let kinds = "[flags]\nrefresh_interval_ms = 600000\n\n[kinds.noop]\nhandler = \"noop\"\n";
-    let first = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
-    let second = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
+    let first = start_process(&schema, kinds);
+    let second = start_process(&schema, kinds);
     let admin = token("root", true);
     let alice = token("alice", false);
     let client = client();
@@ -366,14 +356,8 @@ message = "slow down"
 [rate_limits.routes]
 "GET /api/batches" = "tiny"
 "#;
-    let first = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
-    let second = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
+    let first = start_process(&schema, kinds);
+    let second = start_process(&schema, kinds);
     let alice = token("alice", false);
     let client = client();
 
@@ -398,14 +382,8 @@ message = "slow down"
 async fn cancel_stops_jobs_on_other_process() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.sleep]\nhandler = \"sleep\"\nconcurrency = 4\n";
-    let first = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
-    let second = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
+    let first = start_process(&schema, kinds);
+    let second = start_process(&schema, kinds);
     let alice = token("alice", false);
 
     // Eight long jobs: each process runs four of them.
@@ -445,14 +423,8 @@ async fn cancel_stops_jobs_on_other_process() {
 async fn ticket_opens_other_process_socket_once() {
     let schema = testing::unique_schema();
     let kinds = "[kinds.noop]\nhandler = \"noop\"\n";
-    let issuer = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
-    let other = Server::start_in(
-        &tempfile::tempdir().unwrap().keep(),
-        &config(&schema, kinds),
-    );
+    let issuer = start_process(&schema, kinds);
+    let other = start_process(&schema, kinds);
     let alice = token("alice", false);
 
     let (status, body) = call(
