@@ -77,7 +77,9 @@ pub struct PgConfig {
     /// Items sent per INSERT when a batch is created.
     pub insert_chunk_rows: usize,
     /// How long a staging batch may go without new items before it counts
-    /// as abandoned by a dead process and is deleted.
+    /// as abandoned by a dead process and is deleted. A caller streaming a
+    /// batch slowly must call `append_items` more often than this; the
+    /// HTTP API appends at least once a minute.
     pub abandon_staging_after: Duration,
 }
 
